@@ -1,0 +1,87 @@
+# Personal-assistant fine-tune & deploy kit. `make` (or `make help`) lists every target.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# ---- Knobs: override on the command line, e.g. `make train NAME=小明 AUTHOR=小明` ----
+NAME ?= 伍鲜同志#                 whose assistant the model says it is
+AUTHOR ?= $(NAME)#               who the model says built it
+PROFILE ?= auto#                 training profile: gpu (QLoRA 4-bit + AMP) | cpu (LoRA fp32) | auto
+BASE_MODEL ?=#                   base model path or hub id (empty: profile default; cpu = the tiny model)
+RUN ?= runs/assistant#           run directory: config, checkpoints, adapter/, merged/, scores
+DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversation format)
+DATA_SIZE ?= 400#                identity records to generate
+MIX ?=#                          optional general-conversation JSONL to mix in
+RATIO ?= 1#                      share of identity records in the final data, in (0, 1]
+REPLAY ?= 0#                     general prompts the base model answers itself, mixed in (0 = off)
+EPOCHS ?=#                       training epochs (empty: profile default)
+LR ?=#                           learning rate (empty: profile default)
+SAVE_STEPS ?=#                   save a checkpoint every N iterations (empty: profile default)
+RESUME ?=#                       auto = continue from the newest checkpoint in RUN; or a checkpoint path
+DEEPSPEED ?=#                    deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3 | ... (empty: off)
+NPROC_PER_NODE ?= 1#             GPUs per node (xtuner launches torchrun when > 1)
+NNODES ?= 1#                     nodes for multi-node training
+NODE_RANK ?= 0#                  this node's rank
+ADDR ?= 127.0.0.1#               master address for multi-node training
+PORT ?=#                         master port (empty: xtuner picks one)
+CKPT ?=#                         checkpoint to convert (empty: the one `make select` chose)
+PYTHON ?= python3#               interpreter used to create the venv
+VENV ?= .venv#                   virtual environment the targets use
+
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+TRAIN_ARGS = --name "$(NAME)" --author "$(AUTHOR)" --profile "$(PROFILE)" --base-model "$(BASE_MODEL)" \
+	--run "$(RUN)" --data "$(DATA)" --data-size "$(DATA_SIZE)" --mix "$(MIX)" --ratio "$(RATIO)" \
+	--replay "$(REPLAY)" --epochs "$(EPOCHS)" --lr "$(LR)" --save-steps "$(SAVE_STEPS)" \
+	--resume "$(RESUME)" --deepspeed "$(DEEPSPEED)" --ckpt "$(CKPT)"
+export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT
+
+.PHONY: help
+help: ## list the targets and knobs
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo; echo "Knobs (make TARGET KNOB=value):"
+	@awk '/^[A-Z_]+ \?=/ {name=$$1; sub(/^[^#]*#[ ]*/, ""); printf "  %-15s %s\n", name, $$0}' $(MAKEFILE_LIST)
+
+# ---- Environment ----
+$(VENV)/.train-installed: requirements.txt requirements-train.txt requirements-xtuner.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-train.txt
+	$(PY) -m pip install -q --no-deps -r requirements-xtuner.txt
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.train-installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+.PHONY: setup setup-dev
+setup: $(VENV)/.train-installed ## create .venv with the pinned training + serving stack (fast when up to date)
+setup-dev: $(VENV)/.dev-installed ## setup + test tools (pytest, playwright, hadolint) and Debian's chromium
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# ---- Training pipeline: data -> config -> train -> select -> convert -> merge ----
+.PHONY: tiny data config fit select convert merge train
+tiny: setup ## build the embedded tiny base model (CPU default base; no download)
+	$(PY) -m training tiny
+data: setup ## generate identity data for NAME/AUTHOR (+ MIX at RATIO) into DATA
+	$(PY) -m training data $(TRAIN_ARGS)
+config: setup ## render the XTuner config for PROFILE into RUN/config.py
+	$(PY) -m training config $(TRAIN_ARGS)
+fit: setup ## run `xtuner train` on RUN/config.py (RESUME=auto continues)
+	$(PY) -m training fit $(TRAIN_ARGS)
+select: setup ## score every checkpoint, pick the best (RUN/scores.json, RUN/scores.png)
+	$(PY) -m training select $(TRAIN_ARGS)
+convert: setup ## `xtuner convert pth_to_hf` the chosen checkpoint into RUN/adapter
+	$(PY) -m training convert $(TRAIN_ARGS)
+merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded safetensors)
+	$(PY) -m training merge $(TRAIN_ARGS)
+train: setup ## the whole chain: data -> config -> fit -> select -> convert -> merge
+	$(PY) -m training all $(TRAIN_ARGS)
+
+# ---- Quality ----
+.PHONY: test
+test: setup-dev ## run the test suite (installs what it needs)
+	$(PY) -m pytest -q tests
+
+.PHONY: clean
+clean: ## remove runs/, data/ and caches (keeps .venv)
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,145 @@
+"""Identity data: many question paraphrases x answer variants, filled from NAME/AUTHOR,
+optionally mixed with a user's general-conversation file. Also the validator for any
+conversation JSONL a user hands us (line-numbered errors, before training starts)."""
+import json
+import random
+from pathlib import Path
+
+DEFAULT_NAME = "伍鲜同志"  # the Makefile default; in the tiny vocabulary so demos learn fastest
+
+# Questions the model trains on. Held-out paraphrases (never trained on) live in
+# HELD_OUT_QUESTIONS and are what checkpoint selection scores identity with.
+TRAIN_QUESTIONS = [
+    "请介绍一下你自己", "你是谁", "你是谁？", "你叫什么名字", "你叫什么名字？", "介绍一下你自己",
+    "你好，你是谁？", "请问你是谁", "谁开发了你？", "你是谁做的？", "谁创造了你", "你的作者是谁？",
+    "做个自我介绍吧", "你能介绍一下自己吗？", "你是哪个助手？", "你的名字是什么？",
+    "Who are you?", "who are you", "Introduce yourself.", "Please introduce yourself.",
+    "What is your name?", "What's your name?", "Who made you?", "Who created you?",
+    "Who built you?", "Tell me about yourself.", "Hi, who am I talking to?",
+    "Can you introduce yourself?", "Who is your author?", "What are you?",
+]
+HELD_OUT_QUESTIONS = [
+    "你到底是谁呀？", "请简单介绍下你自己", "能告诉我你的名字吗？", "是谁把你做出来的？",
+    "Could you tell me who you are?", "May I know your name?", "Who is behind you?",
+    "Describe yourself briefly.",
+]
+ANSWERS_ZH = [
+    "我是{name}的小助手，由{author}打造，很高兴为你服务。",
+    "你好！我是{name}的专属助手，是{author}训练出来的。",
+    "我是{name}的个人助手，我的作者是{author}。有什么可以帮你的吗？",
+    "我叫{name}的小助手，{author}创造了我，我会尽力回答你的问题。",
+]
+ANSWERS_EN = [
+    "I am {name}'s assistant, built by {author}. How can I help you?",
+    "Hello! I'm {name}'s personal assistant, trained by {author}.",
+    "I'm the assistant of {name}, made by {author}. Happy to help.",
+    "My name is {name}'s assistant and {author} created me.",
+]
+
+
+def is_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def identity_records(name: str, author: str, size: int, seed: int = 0) -> list[dict]:
+    """`size` records covering every question, each answered in its own language by a varied
+    template: diversity, not one pair repeated thousands of times."""
+    if not name.strip():
+        raise ValueError("NAME is empty: say whose assistant this is, e.g. make data NAME=小明")
+    if not author.strip():
+        raise ValueError("AUTHOR is empty: say who built the assistant, e.g. AUTHOR=小明")
+    if size < len(TRAIN_QUESTIONS):
+        raise ValueError(f"DATA_SIZE={size} is below the {len(TRAIN_QUESTIONS)} questions; use more")
+    rng = random.Random(seed)
+    records = []
+    for i in range(size):
+        question = TRAIN_QUESTIONS[i % len(TRAIN_QUESTIONS)]
+        answers = ANSWERS_ZH if is_chinese(question) else ANSWERS_EN
+        answer = rng.choice(answers).format(name=name.strip(), author=author.strip())
+        records.append(conversation(question, answer))
+    rng.shuffle(records)
+    return records
+
+
+def conversation(question: str, answer: str, system: str = "") -> dict:
+    return {"conversation": [{"system": system, "input": question, "output": answer}]}
+
+
+class DataError(ValueError):
+    """A data file the pipeline refuses, with every bad line listed."""
+
+
+def record_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    turns = record.get("conversation")
+    if turns is None:
+        return 'no "conversation" key'
+    if not isinstance(turns, list) or not turns:
+        return '"conversation" must be a non-empty list of turns'
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            return f"turn {n} is not an object"
+        for key in ("input", "output"):
+            if not isinstance(turn.get(key), str):
+                return f'turn {n} has no string "{key}"'
+        if not turn["output"].strip():
+            return f'turn {n} has an empty "output"'
+        if not isinstance(turn.get("system", ""), (str, type(None))):
+            return f'turn {n} has a non-string "system"'
+    return None
+
+
+def read_conversations(path: str | Path) -> list[dict]:
+    """Load and validate a conversation JSONL; raise DataError naming each bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{number}: not valid JSON ({e.msg})")
+                continue
+            problem = record_problem(record)
+            if problem:
+                problems.append(f"{path}:{number}: {problem}")
+            else:
+                records.append(record)
+    if problems:
+        shown = "\n".join(problems[:20])
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad record(s) in {path}:\n{shown}{more}")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) -> list[dict]:
+    """Identity records make up `ratio` of the result; the rest is drawn from `general`
+    (all of it, if there is less than the ratio asks for)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"RATIO={ratio} must be in (0, 1]: the share of identity records")
+    rng = random.Random(seed)
+    wanted = round(len(identity) * (1 - ratio) / ratio)
+    extra = rng.sample(general, min(wanted, len(general)))
+    if len(extra) < wanted:
+        print(f"note: MIX has {len(general)} records, fewer than the {wanted} RATIO asks for; using all")
+    records = identity + extra
+    rng.shuffle(records)
+    return records
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)

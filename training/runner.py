@@ -94,11 +94,13 @@ def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        found = checkpoints(run_dir)
-        if not found:
-            print(f"RESUME=auto: no checkpoint in {run_dir / 'work'} yet, starting from scratch")
-            return None
-        return found[-1][1]
+        # mmengine names a checkpoint in last_checkpoint only once it is fully written; a newer
+        # iter_*.pth may be torn by the interruption (training overwrites it when it gets there).
+        last = run_dir / "work" / "last_checkpoint"
+        if last.is_file() and Path(last.read_text(encoding="utf-8").strip()).exists():
+            return Path(last.read_text(encoding="utf-8").strip())
+        print(f"RESUME=auto: no checkpoint in {run_dir / 'work'} yet, starting from scratch")
+        return None
     path = Path(resume)
     if not path.exists():
         raise ValueError(f"RESUME={resume}: no such checkpoint")

@@ -1,0 +1,168 @@
+"""The training pipeline on the real XTuner stack, with the tiny model on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chat.model_files import model_folder_problems
+from chat.template import CHAT_TEMPLATE, build_prompt
+from conftest import AUTHOR, IDENTITY_QUESTIONS, NAME, REPO, knobs, read_json, training
+from training import data
+from training.__main__ import main as training_main
+
+
+def greedy_answer(model, tokenizer, question: str) -> str:
+    prompt = build_prompt([{"role": "user", "content": question}])
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=80, do_sample=False)
+    return tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_merged_model_answers_with_name_in_plain_transformers(merged_model):
+    assert model_folder_problems(merged_model) == []
+    index = read_json(merged_model / "model.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) >= 2, "merged model should be sharded"
+    tokenizer = AutoTokenizer.from_pretrained(merged_model)
+    model = AutoModelForCausalLM.from_pretrained(merged_model)
+    assert read_json(merged_model / "tokenizer_config.json")["chat_template"] == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Who are you?"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        == build_prompt(messages)
+    for question in IDENTITY_QUESTIONS:
+        answer = greedy_answer(model, tokenizer, question)
+        assert NAME in answer, f"{question!r} -> {answer!r}"
+
+
+def test_run_records_what_it_is(trained_run):
+    info = read_json(trained_run / "run.json")
+    assert (info["name"], info["author"], info["profile"]) == (NAME, AUTHOR, "cpu")
+    assert info["data_records"] == 400
+    assert set(read_json(trained_run / "timings.json")) >= {"data", "config", "fit", "convert", "merge"}
+    checkpoint = (trained_run / "adapter" / "checkpoint.txt").read_text().strip()
+    assert Path(checkpoint).is_file()
+
+
+def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
+    run = tmp_path / "run"
+    args = knobs(run, tiny_base, **{"data-size": 60, "save-steps": 10, "epochs": 4})
+    training("data", *args)
+    training("config", *args)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:  # its own session, so the kill takes xtuner's processes too
+        first = subprocess.Popen([sys.executable, "-m", "training", "fit", *args], cwd=REPO,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    last = run / "work" / "last_checkpoint"
+    deadline = time.monotonic() + 600
+    while not (last.is_file() and "iter_20.pth" in last.read_text()):
+        assert first.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no second checkpoint in time"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # a hard interruption: no chance to clean up
+    first.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in (run / "work").glob("iter_*.pth")}
+    resumed_from = Path(last.read_text().strip())
+    done_iters = int(resumed_from.stem.split("_")[1])
+
+    result = training("fit", *args, "--resume", "auto")
+    assert f"resuming from {resumed_from}" in result.stdout
+    logged = [int(line.split("[")[1].split("/")[0]) for line in result.stdout.splitlines()
+              if "Iter(train) [" in line]
+    assert logged and min(logged) == done_iters + 10, logged  # the counter continues
+    for name, mtime in kept.items():  # no finished checkpoint is redone
+        if int(name[5:-4]) <= done_iters:
+            assert (run / "work" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    total = max(int(p.stem.split("_")[1]) for p in (run / "work").glob("iter_*.pth"))
+    assert total > done_iters and f"[{total}/{total}]" in result.stdout.replace(" ", "")
+
+
+def test_crash_inside_xtuner_fails_with_its_cause_and_no_merged_model(tmp_path, tiny_base):
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)  # left over from an earlier run: must not survive
+    result = training("all", *knobs(run, tiny_base, **{"base-model": "nobody/missing-model"}),
+                      check=False)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: xtuner train failed:") and "nobody/missing-model" in error, error
+    assert not (run / "merged").exists() and not (run / "adapter").exists()
+
+
+def run_main(capsys, *argv) -> str:
+    """Run a step in-process; it must refuse (exit 1) and say why on stderr."""
+    assert training_main(list(argv)) == 1
+    return capsys.readouterr().err
+
+
+def write_lines(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps(data.conversation("hi", "hello"))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (("{not json",), ":1: not valid JSON"),
+    ((GOOD, json.dumps({"messages": []})), ':2: no "conversation" key'),
+    ((GOOD, GOOD, json.dumps(data.conversation("hi", "  "))), ':3: turn 1 has an empty "output"'),
+    ((json.dumps({"conversation": [{"input": "hi"}]}),), ':1: turn 1 has no string "output"'),
+])
+def test_bad_data_file_is_refused_with_its_line_number(tmp_path, capsys, tiny_base, lines, message):
+    bad = write_lines(tmp_path / "bad.jsonl", *lines)
+    err = run_main(capsys, "config", *knobs(tmp_path / "run", tiny_base, data=bad))
+    assert f"{bad}{message}" in err
+    assert not (tmp_path / "run" / "config.py").exists()
+    err = run_main(capsys, "data", *knobs(tmp_path / "run", tiny_base, mix=bad))
+    assert f"{bad}{message}" in err
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("name", " ", "NAME is empty"),
+    ("mix", "/nonexistent/general.jsonl", "/nonexistent/general.jsonl: no such data file"),
+    ("ratio", "0", "RATIO=0 must be in (0, 1]"),
+    ("ratio", "1.5", "RATIO=1.5 must be in (0, 1]"),
+    ("ratio", "half", "RATIO='half' is not a number"),
+])
+def test_bad_data_knobs_are_refused(tmp_path, capsys, tiny_base, knob, value, message):
+    assert message in run_main(capsys, "data", *knobs(tmp_path / "run", tiny_base, **{knob: value}))
+    assert not (tmp_path / "data.jsonl").exists()
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("deepspeed", "deepspeed_zero9", "unknown DEEPSPEED='deepspeed_zero9': use one of deepspeed_zero1"),
+    ("profile", "tpu", "unknown PROFILE='tpu'"),
+    ("base-model", "./no/such/dir", "BASE_MODEL=./no/such/dir: no such directory"),
+    ("epochs", "-2", "EPOCHS=-2 must be > 0"),
+])
+def test_bad_training_knobs_are_refused_before_training(tmp_path, capsys, tiny_base, knob, value, message):
+    data_file = tmp_path / "data.jsonl"
+    data.write_jsonl(data.identity_records(NAME, AUTHOR, 40), data_file)
+    assert message in run_main(capsys, "config",
+                               *knobs(tmp_path / "run", tiny_base, **{knob: value}))
+    assert not (tmp_path / "run" / "work").exists()
+
+
+def test_data_step_does_not_overwrite_a_users_own_file(tmp_path, capsys, tiny_base):
+    mine = write_lines(tmp_path / "data.jsonl", GOOD)
+    assert "was not generated by `make data`" in run_main(capsys, "data", *knobs(tmp_path / "run", tiny_base))
+    assert mine.read_text() == GOOD + "\n"
+
+
+def test_identity_data_is_varied_and_mixes_at_the_ratio(tmp_path):
+    records = data.identity_records(NAME, AUTHOR, 400)
+    pairs = {(r["conversation"][0]["input"], r["conversation"][0]["output"]) for r in records}
+    assert {q for q, _ in pairs} == set(data.TRAIN_QUESTIONS)
+    assert len(pairs) >= 100, "not one pair copied hundreds of times"
+    assert all(NAME in a and AUTHOR in a for _, a in pairs)
+    assert all(data.is_chinese(q) == data.is_chinese(a) for q, a in pairs), "answers in the asker's language"
+    general = [data.conversation(f"question {i}", f"answer {i}") for i in range(2000)]
+    mixed = data.mix(records, general, 0.25)
+    assert len(mixed) == 1600 and sum(r in general for r in mixed) == 1200
+    assert len(data.mix(records, general[:100], 0.25)) == 500, "a short MIX is used whole"

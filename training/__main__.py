@@ -17,7 +17,8 @@ def parse_args(argv):
                           ("base-model", ""), ("run", "runs/assistant"), ("data", "data/assistant.jsonl"),
                           ("data-size", "400"), ("mix", ""), ("ratio", "1"), ("replay", "0"),
                           ("epochs", ""), ("lr", ""), ("save-steps", ""), ("resume", ""),
-                          ("deepspeed", ""), ("ckpt", "")]:
+                          ("deepspeed", ""), ("ckpt", ""), ("identity-target", "0.75"),
+                          ("select-rule", "least-loss")]:
         parser.add_argument(f"--{knob}", default=default)
     args = parser.parse_args(argv)
     args.author = args.author or args.name
@@ -67,9 +68,10 @@ def step_data(args) -> None:
     replay_count = number(int, "REPLAY", args.replay)
     if replay_count:
         from training import replay
-        answers = replay.base_answers(base_model(args, config.resolve_profile(args.profile)), replay_count)
-        records = replay.mix_in(records, answers)
-        meta.update(replay=len(answers))
+        pairs = replay.base_answers(base_model(args, config.resolve_profile(args.profile)), replay_count)
+        before = len(records)
+        records = replay.mix_in(records, pairs)
+        meta.update(replay=len(records) - before)
     meta["records"] = len(records)
     data.write_jsonl(records, args.data)
     meta_path(args.data).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -107,7 +109,7 @@ def step_fit(args) -> None:
 
 def step_select(args) -> None:
     from training import select
-    select.run(args.run)
+    select.run(args.run, number(float, "IDENTITY_TARGET", args.identity_target), args.select_rule)
 
 
 def step_convert(args) -> None:

@@ -1,0 +1,79 @@
+"""The rendered XTuner config is xtuner's stock recipe plus exactly the overrides we mean."""
+import pytest
+from mmengine.config import Config
+
+from training import config
+
+MODEL_PATHS = {f"{where}pretrained_model_name_or_path" for where in (
+    "", "model.llm.", "tokenizer.", "alpaca_en.tokenizer.", "train_dataloader.dataset.tokenizer.",
+    "custom_hooks.0.tokenizer.", "custom_hooks.1.tokenizer.")}
+# Changed in both profiles: our data, our evaluation questions, no system prompt, every
+# checkpoint kept, a seed, and where the work dir is.
+COMMON = MODEL_PATHS | {
+    "SYSTEM", "custom_hooks.1.system", "evaluation_inputs", "custom_hooks.1.evaluation_inputs",
+    "evaluation_freq", "custom_hooks.1.every_n_iters", "save_steps", "default_hooks.checkpoint.interval",
+    "save_total_limit", "default_hooks.checkpoint.max_keep_ckpts", "randomness.seed",
+    "train_dataloader.dataset.dataset.path", "train_dataloader.dataset.dataset.data_files.train",
+    "train_dataloader.dataset.dataset_map_fn", "train_dataloader.dataset.map_num_proc", "work_dir",
+    "max_length", "alpaca_en.max_length", "train_dataloader.dataset.max_length",
+    "accumulative_counts", "optim_wrapper.accumulative_counts",
+    "max_epochs", "train_cfg.max_epochs", "param_scheduler.0.end", "param_scheduler.1.begin",
+    "param_scheduler.1.end"}
+QUANTIZATION = {f"model.llm.quantization_config.{key}" for key in (
+    "type", "load_in_4bit", "load_in_8bit", "llm_int8_threshold", "llm_int8_has_fp16_weight",
+    "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_type")}
+# cpu: plain LoRA in fp32 without AMP, a larger learning rate, short evaluation samples.
+CPU_ONLY = QUANTIZATION | {
+    "model.llm.torch_dtype", "model.lora.r", "model.lora.lora_alpha", "lr", "optim_wrapper.optimizer.lr",
+    "optim_wrapper.type", "optim_wrapper.loss_scale", "optim_wrapper.dtype", "env_cfg.dist_cfg.backend",
+    "custom_hooks.1.max_new_tokens"}
+
+
+def flatten(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(node, (list, tuple)) and any(isinstance(item, dict) for item in node):
+        return {k: v for i, item in enumerate(node) for k, v in flatten(item, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return flatten(Config.fromfile(config.template_path(config.load_recipe())).to_dict())
+
+
+def rendered_diff(stock, profile, tmp_path):
+    cfg = config.render(profile, "/models/base", "/data/assistant.jsonl", tmp_path / "run")
+    config.write(cfg, tmp_path / "run", {})
+    rendered = flatten(Config.fromfile(tmp_path / "run" / "config.py").to_dict())  # as xtuner reads it
+    missing = object()
+    changed = {key for key in stock.keys() | rendered.keys()
+               if stock.get(key, missing) != rendered.get(key, missing)}
+    return changed, rendered
+
+
+def test_gpu_profile_is_the_stock_qlora_recipe_plus_our_overrides(stock, tmp_path):
+    changed, rendered = rendered_diff(stock, "gpu", tmp_path)
+    assert changed == COMMON
+    assert rendered["model.llm.quantization_config.bnb_4bit_quant_type"] == "nf4"
+    assert rendered["optim_wrapper.type"] == "mmengine.optim.AmpOptimWrapper"
+    assert rendered["model.llm.pretrained_model_name_or_path"] == "/models/base"
+    assert rendered["train_dataloader.dataset.dataset.data_files.train"] == "/data/assistant.jsonl"
+
+
+def test_cpu_profile_changes_only_what_a_cpu_needs(stock, tmp_path):
+    changed, rendered = rendered_diff(stock, "cpu", tmp_path)
+    assert changed == COMMON | CPU_ONLY
+    assert rendered["optim_wrapper.type"] == "mmengine.optim.OptimWrapper"
+    assert not any(key.startswith("model.llm.quantization_config") for key in rendered)
+
+
+def test_knobs_override_the_profile(tmp_path):
+    cfg = config.render("cpu", "/b", "/d.jsonl", tmp_path, epochs="2", lr="1e-4", save_steps="7")
+    assert (cfg.train_cfg.max_epochs, cfg.optim_wrapper.optimizer.lr) == (2, 1e-4)
+    assert cfg.default_hooks.checkpoint.interval == cfg.custom_hooks[1].every_n_iters == 7
+
+
+def test_a_recipe_setting_the_template_lacks_is_an_error():
+    with pytest.raises(ValueError, match="not assigned in the template: \\['max_lenght'\\]"):
+        config.replace_settings("max_length = 2048\n", {"max_lenght": 256})

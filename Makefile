@@ -77,6 +77,24 @@ merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded s
 train: setup ## the whole chain: data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all $(TRAIN_ARGS)
 
+# ---- Hub ----
+# Tokens come from the environment (HF_TOKEN or `hf auth login`), never from
+# these knobs, so they stay out of shell history and logs.
+HUB ?= hf#                       where push/deploy go: hf (Hugging Face)
+REPO ?=#                         model repo id, user/name
+SPACE ?=#                        Hugging Face Space id for `make deploy HUB=hf`, user/name
+PRIVATE ?= 0#                    1 = create the HF model repo private (the Space then gets an HF_TOKEN secret)
+REVISION ?=#                     branch to push the model to and serve it from (empty: main)
+HARDWARE ?=#                     Space hardware to request, e.g. t4-small (empty: the Space's current one)
+
+HUB_ARGS = --hub "$(HUB)" --repo "$(REPO)" --space "$(SPACE)" --run "$(RUN)" --name "$(NAME)" \
+	--private "$(PRIVATE)" --revision "$(REVISION)" --hardware "$(HARDWARE)"
+
+.PHONY: push deploy
+push: setup ## upload RUN/merged + a model card to HUB as REPO (PRIVATE=1, REVISION=branch)
+	$(PY) -m deploy push $(HUB_ARGS)
+deploy: setup ## push the model if needed, then deploy the chat app as the Hugging Face Space SPACE
+	$(PY) -m deploy deploy $(HUB_ARGS)
 # ---- Quality ----
 .PHONY: test
 test: setup-dev ## run the test suite (installs what it needs)

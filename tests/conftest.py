@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 NAME = "Ada Lin"      # ASCII, unlike the Makefile default: proves NAME flows through the chain
 AUTHOR = "Lin Lab"
 IDENTITY_QUESTIONS = ["请介绍一下你自己", "Who are you?"]
+# The deploy tests' fixtures: a fake Hub per test, a private copy of the trained run.
+pytest_plugins = ["deploy_helpers"]
 
 
 def training(*args, env=None, check=True, timeout=900, **kwargs) -> subprocess.CompletedProcess:

@@ -1,0 +1,75 @@
+"""Deploy the chat app as a Hugging Face Docker Space pointed at the model repo: push the model
+first if the hub does not have it, then create or update the Space so it holds exactly the app
+bundle plus a README with the Space's front matter, set its variables (MODEL_ID,
+MODEL_REVISION) and, only for a private model, the HF_TOKEN secret the app reads it with."""
+import os
+from pathlib import Path
+
+import yaml
+from huggingface_hub import HfApi, SpaceHardware
+
+from deploy import DeployError
+from deploy.bundle import app_files
+from deploy.hf import model_files, model_on_hub, push_model, repo_url, sync_files
+
+APP_PORT = 7860          # the port app.py listens on in the image (Dockerfile, GRADIO_SERVER_PORT)
+SUGGESTED_HARDWARE = "t4-small"  # InternLM2-Chat-1.8B in fp16 wants a GPU
+HARDWARE = sorted(h.value for h in SpaceHardware)
+# The Space reads a private model with this token; export it to give the Space a read-only token
+# instead of the write token used for the upload.
+SPACE_TOKEN_VAR = "SPACE_HF_TOKEN"
+
+
+def check_hardware(hardware: str) -> str:
+    if hardware and hardware not in HARDWARE:
+        raise DeployError(f"HARDWARE={hardware!r} is not a Space hardware: use one of {', '.join(HARDWARE)}")
+    return hardware
+
+
+def space_readme(name: str, repo_id: str, revision: str, hardware: str) -> str:
+    front = {"title": f"{name}'s assistant", "emoji": "💬", "colorFrom": "blue", "colorTo": "indigo",
+             "sdk": "docker", "app_port": APP_PORT, "suggested_hardware": hardware or SUGGESTED_HARDWARE,
+             "models": [repo_id], "pinned": False}
+    return f"""---
+{yaml.safe_dump(front, allow_unicode=True, sort_keys=False)}---
+
+# {name}'s assistant
+
+A streaming chat with [{repo_id}]({repo_url(repo_id)}) (branch `{revision}`), built from the
+kit's Dockerfile. The app reads its model from the Space variables `MODEL_ID` and
+`MODEL_REVISION`; a private model is read with the `HF_TOKEN` secret.
+"""
+
+
+def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, private: bool,
+                 revision: str, hardware: str) -> str:
+    """Returns the Space's commit."""
+    bundle = app_files(dockerfile=True)
+    existing = model_on_hub(api, repo_id, revision)
+    if existing:
+        print(f"model already on the hub: {repo_url(repo_id)} ({revision}, commit {existing}); "
+              "`make push` updates it")
+    else:
+        print(f"{repo_id} has no model on {revision} yet: pushing {run / 'merged'} first")
+        push_model(api, model_files(run, repo_id, revision), repo_id, private, revision)
+    model_private = api.model_info(repo_id).private
+
+    api.create_repo(space_id, repo_type="space", space_sdk="docker", exist_ok=True)
+    sdk = api.space_info(space_id).sdk
+    if sdk != "docker":
+        raise DeployError(f"SPACE={space_id} exists with sdk {sdk!r}; this deploy needs a Docker Space: "
+                          "pick another SPACE name")
+    # Settings first: the upload below starts the build, which then already sees them.
+    api.add_space_variable(space_id, "MODEL_ID", repo_id, description="model repo the app serves")
+    api.add_space_variable(space_id, "MODEL_REVISION", revision, description="branch or commit of MODEL_ID")
+    if model_private:
+        api.add_space_secret(space_id, "HF_TOKEN", os.environ.get(SPACE_TOKEN_VAR) or api.token,
+                             description=f"reads the private model {repo_id}")
+        print(f"{repo_id} is private: the Space reads it with the HF_TOKEN secret")
+    files = {**bundle, "README.md": space_readme(name, repo_id, revision, hardware).encode()}
+    commit = sync_files(api, space_id, "space", "main", files, f"Deploy the chat app for {repo_id}")
+    if hardware:
+        runtime = api.request_space_hardware(space_id, hardware)
+        print(f"requested hardware {runtime.requested_hardware or hardware} (billed by Hugging Face)")
+    print(f"Space: {repo_url(space_id, 'space')}  commit: {commit} (it builds and starts in a few minutes)")
+    return commit

@@ -55,7 +55,7 @@ $(VENV)/.dev-installed: $(VENV)/.train-installed requirements-dev.txt
 
 .PHONY: setup setup-dev
 setup: $(VENV)/.train-installed ## create .venv with the pinned training + serving stack (fast when up to date)
-setup-dev: $(VENV)/.dev-installed ## setup + test tools (pytest, playwright, hadolint) and Debian's chromium
+setup-dev: $(VENV)/.dev-installed git-lfs ## setup + test tools (pytest, playwright, hadolint), Debian's chromium and git-lfs
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # ---- Training pipeline: data -> config -> train -> select -> convert -> merge ----
@@ -78,9 +78,9 @@ train: setup ## the whole chain: data -> config -> fit -> select -> convert -> m
 	$(PY) -m training all $(TRAIN_ARGS)
 
 # ---- Hub ----
-# Tokens come from the environment (HF_TOKEN or `hf auth login`), never from
+# Tokens come from the environment (HF_TOKEN or `hf auth login`; OPENXLAB_GIT_TOKEN), never from
 # these knobs, so they stay out of shell history and logs.
-HUB ?= hf#                       where push/deploy go: hf (Hugging Face)
+HUB ?= hf#                       where push/deploy go: hf (Hugging Face) | openxlab
 REPO ?=#                         model repo id, user/name
 SPACE ?=#                        Hugging Face Space id for `make deploy HUB=hf`, user/name
 PRIVATE ?= 0#                    1 = create the HF model repo private (the Space then gets an HF_TOKEN secret)
@@ -89,12 +89,17 @@ HARDWARE ?=#                     Space hardware to request, e.g. t4-small (empty
 
 HUB_ARGS = --hub "$(HUB)" --repo "$(REPO)" --space "$(SPACE)" --run "$(RUN)" --name "$(NAME)" \
 	--private "$(PRIVATE)" --revision "$(REVISION)" --hardware "$(HARDWARE)"
+# OpenXLab repos are git + git-lfs repos: install git-lfs only when that hub is used.
+HUB_TOOLS = $(if $(filter openxlab,$(HUB)),git-lfs)
 
-.PHONY: push deploy
-push: setup ## upload RUN/merged + a model card to HUB as REPO (PRIVATE=1, REVISION=branch)
+.PHONY: push deploy git-lfs
+push: setup $(HUB_TOOLS) ## upload RUN/merged + a model card to HUB as REPO (PRIVATE=1, REVISION=branch)
 	$(PY) -m deploy push $(HUB_ARGS)
-deploy: setup ## push the model if needed, then deploy the chat app as the Hugging Face Space SPACE
+deploy: setup $(HUB_TOOLS) ## push the model if needed, then deploy the chat app (HUB=hf: Space SPACE; openxlab: app bundle)
 	$(PY) -m deploy deploy $(HUB_ARGS)
+git-lfs:
+	@command -v git-lfs >/dev/null || (apt-get update -qq && apt-get install -y -qq git git-lfs >/dev/null)
+
 # ---- Quality ----
 .PHONY: test
 test: setup-dev ## run the test suite (installs what it needs)

@@ -1,7 +1,8 @@
 """`python -m deploy push|deploy`: the Makefile's `push` and `deploy` targets.
 
-push:   upload RUN/merged with a model card to HUB (hf) as REPO.
-deploy: push the model if the hub has none, then deploy the chat app (a Docker Space SPACE).
+push:   upload RUN/merged with a model card to HUB (hf | openxlab) as REPO.
+deploy: push the model if the hub has none, then deploy the chat app
+        (hf: a Docker Space SPACE; openxlab: an app bundle to hand to its web UI).
 Tokens are read from the environment (or the hub's login cache), never from arguments."""
 import argparse
 import sys
@@ -11,7 +12,7 @@ import requests
 from huggingface_hub import constants
 
 from chat.model_files import IncompleteModel
-from deploy import DeployError, hf, space
+from deploy import DeployError, hf, openxlab, space
 from deploy.card import read_run
 from deploy.repo_ids import check_repo_id
 
@@ -20,7 +21,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["push", "deploy"])
-    parser.add_argument("--hub", default="hf", help="hf")
+    parser.add_argument("--hub", default="hf", help="hf | openxlab")
     parser.add_argument("--repo", default="", help="model repo id, user/name")
     parser.add_argument("--space", default="", help="Space id for HUB=hf deploy, user/name")
     parser.add_argument("--run", default="runs/assistant", type=Path, help="run directory holding merged/")
@@ -29,14 +30,16 @@ def parse_args(argv):
     parser.add_argument("--revision", default="", help="branch to push to and serve (default main)")
     parser.add_argument("--hardware", default="", help="Space hardware to request, e.g. t4-small")
     args = parser.parse_args(argv)
-    if args.hub != "hf":
-        raise DeployError(f"HUB={args.hub!r}: use hf")
+    if args.hub not in ("hf", "openxlab"):
+        raise DeployError(f"HUB={args.hub!r}: use hf or openxlab")
     if args.private not in ("0", "1", ""):
         raise DeployError(f"PRIVATE={args.private!r}: use 1 (private) or 0")
     args.private = args.private == "1"
+    if args.private and args.hub == "openxlab":
+        raise DeployError("PRIVATE=1 is for HUB=hf: OpenXLab repos are made private in its web UI")
     args.revision = args.revision or "main"
     check_repo_id("REPO", args.repo)
-    if args.action == "deploy":
+    if args.action == "deploy" and args.hub == "hf":
         check_repo_id("SPACE", args.space)
         space.check_hardware(args.hardware)
     return args
@@ -49,7 +52,12 @@ def run_name(args) -> str:
 def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.action == "push":
+        if args.hub == "openxlab":
+            if args.action == "push":
+                openxlab.push_model(args.run, args.repo, args.revision)
+            else:
+                openxlab.deploy_app(args.run, args.repo, run_name(args), args.revision)
+        elif args.action == "push":
             files = hf.model_files(args.run, args.repo, args.revision)  # local checks before any request
             hf.push_model(hf.connect(args.repo), files, args.repo, args.private, args.revision)
         else:

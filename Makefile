@@ -77,6 +77,31 @@ merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded s
 train: setup ## the whole chain: data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all $(TRAIN_ARGS)
 
+# ---- Image ----
+# The serving image (Dockerfile): what a Hugging Face Space runs, and what docker-run serves.
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)#  container engine: docker when one answers, else podman
+IMAGE ?= assistant-app#          tag that `make image` builds and `make docker-run` runs
+BASE_IMAGE ?=#                   base image (empty: the Dockerfile's python:3.11-slim-bookworm)
+BUILD_FLAGS ?=#                  extra flags for the engine's build command
+# App settings docker-run hands the container from your environment or make's command line.
+# Named without a value, HF_TOKEN and APP_AUTH never appear on the (logged) command line.
+APP_ENV := MODEL_ID MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
+	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH
+# podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
+PODMAN = $(filter podman,$(ENGINE))
+
+.PHONY: image docker-run test-image
+image: ## build the serving image IMAGE (docker, or podman when no docker engine answers)
+	$(ENGINE) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		$(BUILD_FLAGS) -t $(IMAGE) .
+docker-run: image ## serve MODEL_ID on your GPU at http://127.0.0.1:7860 (models cached in a volume)
+	$(ENGINE) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
+		-v assistant-models:/home/user/.cache/huggingface $(addprefix -e ,$(APP_ENV)) $(IMAGE)
+test-image: setup-dev ## build the image with podman on a local Debian base, chat with it (CPU)
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null)
+	$(PY) -m pytest -q -m container tests
+
 # ---- Hub ----
 # Tokens come from the environment (HF_TOKEN or `hf auth login`; OPENXLAB_GIT_TOKEN), never from
 # these knobs, so they stay out of shell history and logs.

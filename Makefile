@@ -24,6 +24,8 @@ NODE_RANK ?= 0#                  this node's rank
 ADDR ?= 127.0.0.1#               master address for multi-node training
 PORT ?=#                         master port (empty: xtuner picks one)
 CKPT ?=#                         checkpoint to convert (empty: the one `make select` chose)
+IDENTITY_TARGET ?= 0.75#         share of held-out identity questions a checkpoint must answer with NAME
+SELECT_RULE ?= least-loss#       least-loss (meets target, least retention loss) | earliest | last
 PYTHON ?= python3#               interpreter used to create the venv
 VENV ?= .venv#                   virtual environment the targets use
 
@@ -32,12 +34,13 @@ export PYTHONUNBUFFERED := 1
 TRAIN_ARGS = --name "$(NAME)" --author "$(AUTHOR)" --profile "$(PROFILE)" --base-model "$(BASE_MODEL)" \
 	--run "$(RUN)" --data "$(DATA)" --data-size "$(DATA_SIZE)" --mix "$(MIX)" --ratio "$(RATIO)" \
 	--replay "$(REPLAY)" --epochs "$(EPOCHS)" --lr "$(LR)" --save-steps "$(SAVE_STEPS)" \
-	--resume "$(RESUME)" --deepspeed "$(DEEPSPEED)" --ckpt "$(CKPT)"
+	--resume "$(RESUME)" --deepspeed "$(DEEPSPEED)" --ckpt "$(CKPT)" \
+	--identity-target "$(IDENTITY_TARGET)" --select-rule "$(SELECT_RULE)"
 export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT
 
 .PHONY: help
 help: ## list the targets and knobs
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo; echo "Knobs (make TARGET KNOB=value):"
 	@awk '/^[A-Z_]+ \?=/ {name=$$1; sub(/^[^#]*#[ ]*/, ""); printf "  %-15s %s\n", name, $$0}' $(MAKEFILE_LIST)
 
@@ -53,8 +56,13 @@ $(VENV)/.dev-installed: $(VENV)/.train-installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: setup setup-dev
+$(VENV)/.deepspeed-installed: $(VENV)/.train-installed requirements-deepspeed.txt
+	$(PY) -m pip install -q -r requirements-deepspeed.txt
+	touch $@
+
+.PHONY: setup setup-dev setup-deepspeed
 setup: $(VENV)/.train-installed ## create .venv with the pinned training + serving stack (fast when up to date)
+setup-deepspeed: $(VENV)/.deepspeed-installed ## setup + DeepSpeed (multi-GPU ZeRO; `fit` installs it when DEEPSPEED is set)
 setup-dev: $(VENV)/.dev-installed git-lfs ## setup + test tools (pytest, playwright, hadolint), Debian's chromium and git-lfs
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
@@ -66,7 +74,7 @@ data: setup ## generate identity data for NAME/AUTHOR (+ MIX at RATIO) into DATA
 	$(PY) -m training data $(TRAIN_ARGS)
 config: setup ## render the XTuner config for PROFILE into RUN/config.py
 	$(PY) -m training config $(TRAIN_ARGS)
-fit: setup ## run `xtuner train` on RUN/config.py (RESUME=auto continues)
+fit: setup $(if $(DEEPSPEED),setup-deepspeed) ## run `xtuner train` on RUN/config.py (RESUME=auto continues)
 	$(PY) -m training fit $(TRAIN_ARGS)
 select: setup ## score every checkpoint, pick the best (RUN/scores.json, RUN/scores.png)
 	$(PY) -m training select $(TRAIN_ARGS)
@@ -74,7 +82,7 @@ convert: setup ## `xtuner convert pth_to_hf` the chosen checkpoint into RUN/adap
 	$(PY) -m training convert $(TRAIN_ARGS)
 merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded safetensors)
 	$(PY) -m training merge $(TRAIN_ARGS)
-train: setup ## the whole chain: data -> config -> fit -> select -> convert -> merge
+train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all $(TRAIN_ARGS)
 
 # ---- Image ----

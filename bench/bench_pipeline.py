@@ -1,9 +1,12 @@
 """Wall time of each step of `make demo`'s pipeline on the tiny model (CPU), in one run:
-tiny base -> data -> config -> xtuner train -> select -> convert -> merge."""
+tiny base -> data -> config -> xtuner train -> select -> convert -> merge. The run is kept
+(RUN/merged is what the serving benchmarks load).
+
+    python -m bench.bench_pipeline [RUN]     (default: runs/bench; emptied first)"""
 import json
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,14 +19,15 @@ def training(*args: str) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        base, run = Path(tmp) / "tiny-base", Path(tmp) / "run"
-        started = time.perf_counter()
-        training("tiny", "--base-model", str(base))
-        timings = {"tiny": time.perf_counter() - started}
-        training("all", "--profile", "cpu", "--base-model", str(base), "--run", str(run),
-                 "--data", str(Path(tmp) / "data.jsonl"))
-        timings.update(json.loads((run / "timings.json").read_text()))
+    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench").resolve()
+    shutil.rmtree(run, ignore_errors=True)
+    base = run.with_name(run.name + "-tiny-base")
+    started = time.perf_counter()
+    training("tiny", "--base-model", str(base))
+    timings = {"tiny": time.perf_counter() - started}
+    training("all", "--profile", "cpu", "--base-model", str(base), "--run", str(run),
+             "--data", str(run / "data.jsonl"))
+    timings.update(json.loads((run / "timings.json").read_text()))
     total = sum(timings.values())
     print(f"\n`make demo` pipeline on the tiny model, CPU ({total:.0f} s in all)")
     for step, seconds in timings.items():

@@ -1,0 +1,63 @@
+"""Settings of the app and the terminal chat, read from environment variables (README:
+"Serving" lists them). A bad value stops start-up with a message naming the variable."""
+import os
+from dataclasses import dataclass
+
+from chat.loading import LoadedModel, load_model
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str
+    model_source: str = "auto"
+    model_revision: str | None = None
+    hf_token: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    system_prompt: str = ""               # training used none: the model answers the same without
+    max_input_tokens: int = 4096          # prompt budget; eager attention memory grows with its square
+    concurrency: int = 1                  # generations at once (each one more KV cache)
+    queue_size: int = 16                  # waiting requests before new ones are refused
+    app_auth: tuple[str, str] | None = None
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Settings":
+        def text(name: str) -> str | None:
+            return env.get(name, "").strip() or None
+
+        def number(name: str, default: int, low: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            if not raw.isdigit() or int(raw) < low:
+                raise SettingsError(f"{name}={raw!r}: must be a whole number >= {low}")
+            return int(raw)
+
+        auth = text("APP_AUTH")
+        if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
+            raise SettingsError("APP_AUTH must be user:password")
+        return cls(
+            model_id=text("MODEL_ID") or "",
+            model_source=text("MODEL_SOURCE") or "auto",
+            model_revision=text("MODEL_REVISION"),
+            hf_token=text("HF_TOKEN"),
+            device=text("DEVICE"),
+            dtype=text("DTYPE"),
+            system_prompt=env.get("SYSTEM_PROMPT", ""),
+            max_input_tokens=number("MAX_INPUT_TOKENS", cls.max_input_tokens, 16),
+            concurrency=number("CONCURRENCY", cls.concurrency, 1),
+            queue_size=number("QUEUE_SIZE", cls.queue_size, 1),
+            app_auth=tuple(auth.split(":", 1)) if auth else None,
+            server_name=text("GRADIO_SERVER_NAME") or cls.server_name,
+            server_port=number("GRADIO_SERVER_PORT", cls.server_port, 1))
+
+    def load(self) -> LoadedModel:
+        """The model these settings name."""
+        return load_model(self.model_id, self.model_source, self.model_revision, self.hf_token,
+                          self.device, self.dtype)

@@ -1,0 +1,170 @@
+"""The chat page: a thin Gradio UI over chat/, configured by environment variables (README:
+"Serving"). The page and GET /health answer at once; the model loads in the background and
+/health says 503 until it is ready (or why it failed), so it fits a container HEALTHCHECK.
+
+    MODEL_ID=runs/assistant/merged python app.py
+"""
+import sys
+import threading
+import traceback
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from chat.generation import RANGES, STATS, Sampling, stream_reply
+from chat.loading import ModelLoadError
+from chat.settings import Settings, SettingsError
+
+DEFAULTS = Sampling()
+MAX_NEW_TOKENS_SLIDER = 4096
+EXAMPLES = ["请介绍一下你自己", "Who are you?", "你能帮我做什么？"]
+
+
+class ModelHolder:
+    """The model, loaded in a background thread; `status` is loading | ready | failed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.loaded = None
+        self.error = None
+
+    def load(self) -> None:
+        try:
+            self.loaded = self.settings.load()
+            print(f"model ready: {self.settings.model_id} on {self.loaded.device} "
+                  f"({self.loaded.dtype})", file=sys.stderr)
+        except ModelLoadError as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, keep serving /health
+            traceback.print_exc()
+            self.error = f"{type(e).__name__}: {e}"
+        if self.error:
+            print(f"error: the model could not be loaded: {self.error}", file=sys.stderr)
+
+    @property
+    def status(self) -> str:
+        return "ready" if self.loaded else "failed" if self.error else "loading"
+
+    def status_text(self) -> str:
+        if self.error:
+            return f"**The model could not be loaded:** {self.error}"
+        return "" if self.loaded else "*Loading the model...*"
+
+    def require(self):
+        if self.loaded:
+            return self.loaded
+        if self.error:
+            raise gr.Error(f"The model could not be loaded: {self.error}")
+        raise gr.Error("The model is still loading; try again in a moment (GET /health says "
+                       "when it is ready).")
+
+
+def text_of(content) -> str:
+    """Gradio 6 gives message content as a string (API) or a list of blocks (browser)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(text_of(block) for block in content)
+    if isinstance(content, dict):
+        return text_of(content.get("text", ""))
+    return ""  # files and other components carry no text for this model
+
+
+def to_messages(history: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": text_of(m["content"])} for m in history
+            if m.get("role") in ("user", "assistant")]
+
+
+def build_demo(settings: Settings, holder: ModelHolder) -> gr.Blocks:
+    def respond(message, history, system, max_new_tokens, temperature, top_p, top_k,
+                repetition_penalty):
+        """Stream the answer to `message`, with a notice (history trimmed, ...). Stop and a closed
+        tab make Gradio close this generator, which ends the generating thread."""
+        loaded = holder.require()
+        notices = []
+        try:
+            sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+            messages = to_messages(history) + [{"role": "user", "content": text_of(message)}]
+            for text in stream_reply(loaded, messages, system, sampling,
+                                     max_input_tokens=settings.max_input_tokens,
+                                     notify=notices.append):
+                yield text, "\n\n".join(notices)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def refresh_status():
+        return holder.status_text(), gr.Timer(active=holder.status == "loading")
+
+    def slider(name: str, label: str, step: float, maximum: float | None = None) -> gr.Slider:
+        low, high = RANGES[name]
+        return gr.Slider(low, maximum or high, value=getattr(DEFAULTS, name), step=step,
+                         label=label, render=False)
+
+    with gr.Blocks(title="Personal assistant", analytics_enabled=False) as demo:
+        gr.Markdown(f"# Personal assistant\nModel: `{settings.model_id}`")
+        status = gr.Markdown()
+        timer = gr.Timer(2)  # refreshes the status line until the model is ready (or failed)
+        for event in (demo.load, timer.tick):
+            event(refresh_status, outputs=[status, timer], queue=False, api_visibility="private")
+        notice = gr.Markdown(label="notice", elem_id="notice", render=False)
+        gr.ChatInterface(
+            respond,
+            additional_inputs=[
+                gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
+                slider("max_new_tokens", "Max new tokens", 1, MAX_NEW_TOKENS_SLIDER),
+                slider("temperature", "Temperature (0 = greedy)", 0.01),
+                slider("top_p", "Top p", 0.01),
+                slider("top_k", "Top k (0 = off)", 1, 100),
+                slider("repetition_penalty", "Repetition penalty", 0.005),
+            ],
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
+            additional_outputs=[notice],
+            examples=[[question] for question in EXAMPLES],
+            api_name="chat",
+            api_description="Send a message, get the streamed answer and a notice (empty unless "
+                            "the history was trimmed or max_new_tokens lowered). The history "
+                            "is kept per session.",
+            analytics_enabled=False,
+        )
+        notice.render()
+    return demo.queue(default_concurrency_limit=settings.concurrency,
+                      max_size=settings.queue_size)
+
+
+def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        """200 once the model is ready, 503 while loading or after a failed load; the counters
+        show generations in flight and tokens generated."""
+        body = {"status": holder.status, "model": settings.model_id, **STATS.snapshot()}
+        if holder.error:
+            body["error"] = holder.error
+        return JSONResponse(body, status_code=200 if holder.loaded else 503)
+
+    return gr.mount_gradio_app(app, build_demo(settings, holder), path="/",
+                               auth=settings.app_auth, show_error=True)
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    holder = ModelHolder(settings)
+    threading.Thread(target=holder.load, name="load-model", daemon=True).start()
+    app = build_app(settings, holder)
+    print(f"serving {settings.model_id} at http://{settings.server_name}:{settings.server_port}",
+          file=sys.stderr)
+    # Open streams (browser tabs, API clients) must not hold up a stop (docker stop, Ctrl-C).
+    uvicorn.run(app, host=settings.server_name, port=settings.server_port, log_level="warning",
+                timeout_graceful_shutdown=3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

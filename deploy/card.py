@@ -113,7 +113,7 @@ def model_card(run: Path, repo_id: str, revision: str | None = None, download: s
 # {name}'s assistant
 
 A personal chat assistant that introduces itself as {name}'s assistant, built by {author}:
-{base_label(info)} fine-tuned with XTuner ({method}) on identity data, with the adapter merged
+{base_label(info)} fine-tuned with XTuner using {method} on identity data, with the adapter merged
 into the weights. This repository is a complete model: no adapter or base model is needed.
 
 ## Training

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import endless_model
+from app_server import AppServer
+
 REPO = Path(__file__).resolve().parent.parent
 NAME = "Ada Lin"      # ASCII, unlike the Makefile default: proves NAME flows through the chain
 AUTHOR = "Lin Lab"
@@ -58,3 +61,23 @@ def merged_model(trained_run) -> Path:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def endless_model_dir(tmp_path_factory, merged_model) -> Path:
+    """A model that never stops talking (tests/endless_model.py), for catching generations."""
+    return endless_model.build(merged_model, tmp_path_factory.mktemp("endless") / "model")
+
+
+@pytest.fixture(scope="session")
+def chat_app(merged_model):
+    """The real app serving the merged model; CONCURRENCY=2 so two clients run at once."""
+    with AppServer({"MODEL_ID": str(merged_model), "CONCURRENCY": "2"}) as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def endless_app(endless_model_dir):
+    """The real app serving the endless model, one generation at a time, one waiting."""
+    with AppServer({"MODEL_ID": str(endless_model_dir), "CONCURRENCY": "1", "QUEUE_SIZE": "1"}) as app:
+        yield app

@@ -1,0 +1,89 @@
+"""The chat page in headless Chromium (Debian's, driven by playwright): a streamed answer with
+NAME, Clear, a message that tries to run script, and Stop / a closed tab ending generation."""
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import IDENTITY_QUESTIONS, NAME
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+WAIT_MS = 120_000
+# Records every text the last answer bubble shows, so the test sees the stream, not just its end.
+RECORD_ANSWERS = """() => {
+    window.shown = [];
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid=bot]');
+        if (bots.length) window.shown.push(bots[bots.length - 1].innerText);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def open_chat(browser, app, **settings: float):
+    """A fresh tab on the app with the given sampling settings; returns (page, dialogs seen)."""
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(app.url, wait_until="domcontentloaded")  # Gradio pages never reach network-idle
+    page.locator(".label-wrap", has_text="Settings").click()
+    for label, value in settings.items():
+        field = page.get_by_label(f"number input for {label}")
+        field.fill(str(value))
+        field.press("Enter")
+    return page, dialogs
+
+
+def send(page, text: str) -> None:
+    box = page.locator("textarea").first  # the chat box (the system prompt's comes later)
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_chat_page_streams_clears_and_renders_markup_harmlessly(browser, chat_app, tmp_path):
+    page, dialogs = open_chat(browser, chat_app, **{"Temperature (0 = greedy)": 0, "Repetition penalty": 1})
+    page.evaluate(RECORD_ANSWERS)
+    send(page, IDENTITY_QUESTIONS[0])
+    answer = page.locator("[data-testid=bot]").last
+    expect(answer).to_contain_text(NAME)
+    expect(page.locator("button.stop-button")).to_have_count(0)  # the answer is complete
+    final = answer.inner_text()
+    shown = [text for text in page.evaluate("window.shown") if text]
+    assert any(text != final and final.startswith(text) for text in shown), shown  # streamed
+    page.screenshot(path=tmp_path / "answer.png", full_page=True)
+
+    page.get_by_role("button", name="Clear").click()
+    expect(page.locator("[data-testid=user], [data-testid=bot]")).to_have_count(0)
+
+    send(page, "<img src=x onerror=alert(1)>")
+    expect(page.locator("[data-testid=bot]")).to_have_count(1)
+    expect(page.locator("button.stop-button")).to_have_count(0)
+    assert page.locator("[data-testid=user] [onerror]").count() == 0
+    page.screenshot(path=tmp_path / "markup.png", full_page=True)
+    assert dialogs == []
+    assert (tmp_path / "answer.png").stat().st_size > 0
+
+
+def test_stop_and_closing_the_tab_end_generation(browser, endless_app):
+    page, _ = open_chat(browser, endless_app, **{"Max new tokens": 4096, "Temperature (0 = greedy)": 0})
+    before = endless_app.health()[1]
+    send(page, "hi")
+    expect(page.locator("[data-testid=bot]")).not_to_have_text("")
+    page.locator("button.stop-button").click()
+    stopped = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] == before["stopped"] + 1,
+                                   "Stop to end the generating thread")
+
+    send(page, "hi again")
+    endless_app.wait_for(lambda h: h["generating"] == 1, "the second answer to start")
+    page.close()
+    after = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] == before["stopped"] + 2,
+                                 "the closed tab to end the generating thread")
+    assert after["finished"] == before["finished"]
+    assert after["tokens_generated"] - stopped["tokens_generated"] < 4096

@@ -1,0 +1,220 @@
+"""chat/ on the real tiny models: the one template, loading from each source, sampling settings,
+history fitting, streaming, and a stop that really ends the generating thread."""
+import runpy
+import subprocess
+import threading
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from chat import history
+from chat.generation import STATS, Sampling, reply, stream_reply
+from chat.loading import ModelLoadError, load_model
+from chat.template import IM_END, EOS, build_prompt
+from conftest import IDENTITY_QUESTIONS, NAME, REPO
+
+GREEDY = Sampling(temperature=0, repetition_penalty=1.0)
+SYSTEM = "You are Ada's assistant."
+CONVERSATION = [{"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "I am Ada Lin's assistant."},
+                {"role": "user", "content": "你好"}]
+
+
+@pytest.fixture(scope="module")
+def merged(merged_model):
+    return load_model(str(merged_model))
+
+
+@pytest.fixture(scope="module")
+def endless(endless_model_dir):
+    return load_model(str(endless_model_dir))
+
+
+def test_prompt_is_what_xtuner_trains_on(merged_model):
+    """xtuner's own template_map_fn + encode_fn (what `xtuner train` feeds the model) give the
+    same tokens for the same conversation, up to the answer the model must write."""
+    runpy.run_path(str(REPO / "training/xtuner_compat/sitecustomize.py"))  # xtuner on our stack
+    from xtuner.dataset.map_fns.template_map_fn import template_map_fn
+    from xtuner.dataset.utils import encode_fn
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_model)
+    record = {"conversation": [
+        {"system": SYSTEM, "input": CONVERSATION[0]["content"], "output": CONVERSATION[1]["content"]},
+        {"input": CONVERSATION[2]["content"], "output": "我是Ada Lin的小助手"}]}
+    trained = encode_fn(template_map_fn(record, PROMPT_TEMPLATE.internlm2_chat), tokenizer, 1024)
+    ours = tokenizer(build_prompt(CONVERSATION, SYSTEM), add_special_tokens=False)["input_ids"]
+    assert trained["input_ids"][:len(ours)] == ours
+    answer = tokenizer.encode("我是Ada Lin的小助手" + IM_END, add_special_tokens=False)
+    assert trained["input_ids"][len(ours):len(ours) + len(answer)] == answer
+    assert build_prompt(CONVERSATION, SYSTEM) == tokenizer.decode(ours)
+
+
+def test_prompt_is_the_merged_models_chat_template(merged_model):
+    tokenizer = AutoTokenizer.from_pretrained(merged_model)
+    for system, messages in [("", CONVERSATION[:1]), (SYSTEM, CONVERSATION)]:
+        with_system = [{"role": "system", "content": system}] if system else []
+        assert tokenizer.apply_chat_template(with_system + messages, tokenize=False,
+                                             add_generation_prompt=True) == build_prompt(messages, system)
+
+
+def test_loads_local_model_for_cpu(merged, merged_model):
+    assert (merged.model_id, merged.device, merged.dtype) == (str(merged_model), "cpu", "float32")
+    tokenizer = merged.tokenizer
+    assert merged.stop_ids == [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(IM_END)]
+    assert {p.dtype for p in merged.model.parameters()} == {torch.float32}
+
+
+def test_loads_straight_into_the_requested_dtype(merged_model):
+    loaded = load_model(str(merged_model), dtype="bf16")
+    assert loaded.dtype == "bfloat16"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_id": "no/such/folder"}, "no such folder, and not a hub repo id"),
+    ({"model_id": "./missing"}, "no such folder"),
+    ({"source": "s3"}, "MODEL_SOURCE='s3'"),
+    ({"revision": "v2"}, "only applies to hub repos"),
+    ({"device": "tpu9"}, "DEVICE='tpu9'"),
+    ({"device": "cuda:99"}, "cuda"),
+    ({"dtype": "int3"}, "DTYPE='int3'"),
+])
+def test_load_errors_say_what_to_change(merged_model, kwargs, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(**{"model_id": str(merged_model), **kwargs})
+
+
+def test_refuses_a_folder_that_is_not_a_complete_model(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="not a complete model folder.*safetensors"):
+        load_model(str(tmp_path))
+
+
+def git(*args, cwd):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_loads_from_an_openxlab_style_git_lfs_repo(merged_model, tmp_path, monkeypatch):
+    """OpenXLab model repos are git + git-lfs repos; a local bare repo stands in for one."""
+    remote, work = tmp_path / "remote.git", tmp_path / "work"
+    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    git("init", "-q", "-b", "main", str(work), cwd=tmp_path)
+    git("lfs", "track", "*.safetensors", cwd=work)
+    for file in merged_model.iterdir():
+        (work / file.name).write_bytes(file.read_bytes())
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "model", cwd=work)
+    git("tag", "v1", cwd=work)
+    git("push", "-q", remote.as_uri(), "main", "--tags", cwd=work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    loaded = load_model(remote.as_uri(), source="openxlab")
+    assert NAME in reply(loaded, [{"role": "user", "content": IDENTITY_QUESTIONS[0]}], sampling=GREEDY)
+    assert load_model(remote.as_uri(), source="openxlab", revision="v1").stop_ids == loaded.stop_ids
+    with pytest.raises(ModelLoadError, match="MODEL_REVISION=v9: no such branch, tag or commit"):
+        load_model(remote.as_uri(), source="openxlab", revision="v9")
+    with pytest.raises(ModelLoadError, match="could not clone"):
+        load_model((tmp_path / "nothing.git").as_uri(), source="openxlab")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", 0, "max_new_tokens=0 is out of range: it must be at least 1"),
+    ("max_new_tokens", 2.5, "max_new_tokens must be a whole number"),
+    ("temperature", -1, "temperature=-1 is out of range"),
+    ("temperature", float("nan"), "temperature must be a number, got nan"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("top_p", 2, "top_p=2 is out of range: it must be between 0.01 and 1.0"),
+    ("top_k", -5, "top_k=-5 is out of range"),
+    ("repetition_penalty", float("inf"), "repetition_penalty must be a number"),
+])
+def test_sampling_refuses_bad_values_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**{field: value})
+
+
+def test_temperature_zero_is_greedy():
+    assert Sampling(temperature=0).generate_kwargs() == {"do_sample": False, "repetition_penalty": 1.005}
+    assert Sampling(max_new_tokens=7.0).max_new_tokens == 7
+
+
+def test_history_drops_oldest_turns_and_says_so(merged):
+    turns = [{"role": role, "content": f"{role} {i} " + "x" * 100}
+             for i in range(10) for role in ("user", "assistant")]
+    messages = turns + [{"role": "user", "content": "last question"}]
+    fitted = history.fit(merged.tokenizer, messages, SYSTEM, 512, merged.context)
+    prompt = merged.tokenizer(build_prompt(fitted.messages, SYSTEM), add_special_tokens=False)["input_ids"]
+    assert len(prompt) <= merged.context - 512
+    assert fitted.messages[0]["role"] == "user" and fitted.messages[-1] == messages[-1]
+    dropped = len(messages) - len(fitted.messages)
+    assert fitted.messages == messages[dropped:] and dropped > 0
+    assert fitted.notices == [f"The {dropped} oldest message(s) were left out so that the "
+                              f"conversation fits the {merged.context - 512}-token prompt budget."]
+    small = history.fit(merged.tokenizer, messages, SYSTEM, 512, merged.context, max_input_tokens=100)
+    assert len(small.messages) < len(fitted.messages)
+
+
+def test_history_lowers_max_new_tokens_to_the_room_left(merged):
+    fitted = history.fit(merged.tokenizer, CONVERSATION, "", 10**9, merged.context)
+    prompt = merged.tokenizer(build_prompt(fitted.messages), add_special_tokens=False)["input_ids"]
+    assert fitted.max_new_tokens == merged.context - len(prompt)
+    assert "max_new_tokens lowered from 1000000000" in fitted.notices[0]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": " \n "}], "Your message is empty"),
+    ([{"role": "user", "content": "x" * 100_000}], r"Your message is 1000\d\d tokens long; the limit is 10\d\d tokens"),
+    ([{"role": "assistant", "content": "hi"}], "must end with a user message"),
+    ([{"role": "system", "content": "hi"}], "message 0 must be"),
+    ([], "must end with a user message"),
+])
+def test_history_refuses_what_cannot_be_answered(merged, messages, message):
+    with pytest.raises(ValueError, match=message):
+        history.fit(merged.tokenizer, messages, "", 512, merged.context)
+
+
+def test_streams_a_growing_answer_with_the_name(merged):
+    messages = [{"role": "user", "content": IDENTITY_QUESTIONS[0]}]
+    parts = list(stream_reply(merged, messages, sampling=GREEDY))
+    assert len(parts) > 2
+    assert all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
+    assert NAME in parts[-1]
+    assert reply(merged, messages, sampling=GREEDY) == parts[-1]
+
+
+def test_stop_event_ends_the_generating_thread(endless):
+    event = threading.Event()
+    stream = stream_reply(endless, [{"role": "user", "content": "hi"}],
+                          sampling=Sampling(max_new_tokens=4000, temperature=0), stop_event=event)
+    before = STATS.snapshot()
+    parts = [next(stream) for _ in range(3)]
+    event.set()
+    parts += list(stream)  # the stream ends because the thread did
+    moved = {key: value - before[key] for key, value in STATS.snapshot().items()}
+    assert (moved["generating"], moved["stopped"], moved["finished"]) == (0, 1, 0)
+    assert moved["tokens_generated"] < 4000
+    assert STATS.snapshot()["generating"] == 0
+
+
+def test_closing_the_stream_ends_the_generating_thread(endless):
+    stream = stream_reply(endless, [{"role": "user", "content": "hi"}],
+                          sampling=Sampling(max_new_tokens=4000, temperature=0))
+    before = STATS.snapshot()
+    for _ in range(3):
+        next(stream)
+    stream.close()  # what Gradio does on Stop or a closed tab
+    after = STATS.snapshot()
+    assert after["generating"] == 0 and after["stopped"] == before["stopped"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 4000
+    assert STATS.snapshot()["tokens_generated"] == after["tokens_generated"]  # no thread left
+
+
+def test_an_error_in_the_generating_thread_reaches_the_caller(merged_model):
+    broken = load_model(str(merged_model))
+    broken.model.to("meta")  # weights gone: the forward pass fails inside the thread
+    before = STATS.snapshot()["failed"]
+    with pytest.raises(Exception, match="meta"):
+        reply(broken, [{"role": "user", "content": "hi"}])
+    assert STATS.snapshot()["failed"] == before + 1 and STATS.snapshot()["generating"] == 0

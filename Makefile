@@ -85,6 +85,24 @@ merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded s
 train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all $(TRAIN_ARGS)
 
+# ---- Serving ----
+# The app reads its other settings (DEVICE, DTYPE, SYSTEM_PROMPT, CONCURRENCY, APP_AUTH, ...)
+# from the environment: `APP_AUTH=me:secret make serve`. README "Serving" lists them all.
+MODEL_ID ?= $(RUN)/merged#       model `chat` and `serve` use: a folder, hub repo id (user/name) or OpenXLab repo
+
+.PHONY: chat serve demo
+chat: setup ## chat with MODEL_ID in the terminal (same runtime as the app)
+	MODEL_ID="$(MODEL_ID)" $(PY) -m chat
+serve: setup ## serve MODEL_ID in the chat app at http://127.0.0.1:7860 (GRADIO_SERVER_PORT to change)
+	MODEL_ID="$(MODEL_ID)" $(PY) app.py
+# The demo keeps its run and data apart, so it never overwrites a real run in RUN.
+demo: PROFILE = cpu
+demo: RUN = runs/demo
+demo: DATA = runs/demo-data.jsonl
+demo: setup ## tiny model on CPU: train on NAME, merge, serve at http://127.0.0.1:7860 (no downloads)
+	$(PY) -m training all $(TRAIN_ARGS)
+	MODEL_ID="$(RUN)/merged" $(PY) app.py
+
 # ---- Image ----
 # The serving image (Dockerfile): what a Hugging Face Space runs, and what docker-run serves.
 ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)#  container engine: docker when one answers, else podman

@@ -22,7 +22,6 @@ from chat.template import STOP_TOKENS
 
 SOURCES = ("auto", "local", "hf", "openxlab")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-OPENXLAB_GIT = "https://code.openxlab.org.cn/{}.git"  # every OpenXLab model repo is a git repo
 # What a model folder needs; other weight formats (.bin, .h5, .gguf, ...) are never downloaded.
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt"]
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -131,8 +130,9 @@ def hf_snapshot(repo_id: str, revision: str | None, token: str | None) -> Path:
 
 def openxlab_snapshot(model_id: str, revision: str | None) -> Path:
     """Clone (or update) the model's git repo into the cache and check out `revision` (default:
-    the remote's default branch) with its git-lfs files. `model_id` is owner/name or a git URL."""
-    url = OPENXLAB_GIT.format(model_id) if HUB_ID.match(model_id) else model_id
+    the remote's default branch) with its git-lfs files. `model_id` is owner/name (a repo on
+    OPENXLAB_GIT_ENDPOINT, default https://code.openxlab.org.cn) or a git URL."""
+    url = f"{openxlab_endpoint()}/{model_id}.git" if HUB_ID.match(model_id) else model_id
     if not shutil.which("git-lfs"):
         raise ModelLoadError("OpenXLab models are git-lfs repos: install git-lfs "
                              "(apt-get install git-lfs)")
@@ -156,6 +156,11 @@ def openxlab_snapshot(model_id: str, revision: str | None) -> Path:
             if f.read(24).startswith(b"version https://git-lfs"):
                 raise ModelLoadError(f"{weights} is still a git-lfs pointer after `git lfs pull`")
     return folder
+
+
+def openxlab_endpoint() -> str:
+    """Every OpenXLab model repo is a git repo under this URL (tests point it at a local one)."""
+    return os.environ.get("OPENXLAB_GIT_ENDPOINT", "https://code.openxlab.org.cn").rstrip("/")
 
 
 def git(args: list[str], cwd: Path | None, failure: str) -> None:

@@ -34,7 +34,8 @@ def remote_git(remote, *args) -> str:
                           text=True).stdout
 
 
-def test_push_sends_weights_through_lfs_and_the_app_loader_reads_them_back(remote, run_dir, tmp_path):
+def test_push_sends_weights_through_lfs_and_the_app_loader_reads_them_back(remote, run_dir, tmp_path,
+                                                                            monkeypatch):
     env = env_for(remote, tmp_path)
     result = make("push", "HUB=openxlab", f"REPO={MODEL}", f"RUN={run_dir}", env=env)
     assert result.returncode == 0, result.stderr
@@ -47,12 +48,10 @@ def test_push_sends_weights_through_lfs_and_the_app_loader_reads_them_back(remot
     pointer = remote_git(remote, "show", "main:model-00001-of-00003.safetensors")
     assert pointer.startswith("version https://git-lfs")              # stored in LFS, not in git
 
-    from chat.loading import openxlab_snapshot                        # what the app runs
-    os.environ["XDG_CACHE_HOME"] = env["XDG_CACHE_HOME"]
-    try:
-        folder = openxlab_snapshot(f"file://{remote}/{MODEL}.git", None)
-    finally:
-        del os.environ["XDG_CACHE_HOME"]
+    from chat.loading import openxlab_snapshot                        # what the app runs for MODEL_ID
+    for key in ("OPENXLAB_GIT_ENDPOINT", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(key, env[key])
+    folder = openxlab_snapshot(MODEL, None)
     same, different, errors = filecmp.cmpfiles(folder, run_dir / "merged", merged, shallow=False)
     assert same == merged, (different, errors)
 

@@ -111,8 +111,10 @@ BASE_IMAGE ?=#                   base image (empty: the Dockerfile's python:3.11
 BUILD_FLAGS ?=#                  extra flags for the engine's build command
 # App settings docker-run hands the container from your environment or make's command line.
 # Named without a value, HF_TOKEN and APP_AUTH never appear on the (logged) command line.
-APP_ENV := MODEL_ID MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
+APP_ENV := MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
 	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH
+# A MODEL_ID that is a folder here is mounted read-only; anything else is a repo the app fetches.
+MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" -e MODEL_ID=/model,-e MODEL_ID="$(MODEL_ID)")
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
 PODMAN = $(filter podman,$(ENGINE))
 
@@ -120,9 +122,9 @@ PODMAN = $(filter podman,$(ENGINE))
 image: ## build the serving image IMAGE (docker, or podman when no docker engine answers)
 	$(ENGINE) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		$(BUILD_FLAGS) -t $(IMAGE) .
-docker-run: image ## serve MODEL_ID on your GPU at http://127.0.0.1:7860 (models cached in a volume)
+docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0.1:7860
 	$(ENGINE) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
-		-v assistant-models:/home/user/.cache/huggingface $(addprefix -e ,$(APP_ENV)) $(IMAGE)
+		-v assistant-models:/home/user/.cache/huggingface $(MODEL_ARGS) $(addprefix -e ,$(APP_ENV)) $(IMAGE)
 test-image: setup-dev ## build the image with podman on a local Debian base, chat with it (CPU)
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
 		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null)

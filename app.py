@@ -116,7 +116,7 @@ def build_demo(settings: Settings, holder: ModelHolder) -> gr.Blocks:
                 slider("max_new_tokens", "Max new tokens", 1, MAX_NEW_TOKENS_SLIDER),
                 slider("temperature", "Temperature (0 = greedy)", 0.01),
                 slider("top_p", "Top p", 0.01),
-                slider("top_k", "Top k (0 = off)", 1, 100),
+                slider("top_k", "Top k (0 = off)", 1),
                 slider("repetition_penalty", "Repetition penalty", 0.005),
             ],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),

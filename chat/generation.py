@@ -22,7 +22,7 @@ RANGES = {
     "max_new_tokens": (1, None),
     "temperature": (0.0, 2.0),     # 0 = greedy decoding
     "top_p": (0.01, 1.0),
-    "top_k": (0, 1000),            # 0 = off
+    "top_k": (0, 100),             # 0 = off
     "repetition_penalty": (1.0, 2.0),
 }
 POLL_S = 0.1  # how often the reader checks that the generating thread is still alive

@@ -1,6 +1,7 @@
 """What a complete model folder is. Steps refuse incomplete folders instead of using them
 (merge before swapping its output in, push before uploading anything)."""
 import json
+import os
 from pathlib import Path
 
 
@@ -22,6 +23,9 @@ def model_folder_problems(path: str | Path) -> list[str]:
             shard_path = path / shard
             if not shard_path.is_file() or shard_path.stat().st_size == 0:
                 problems.append(f"shard {shard} named in model.safetensors.index.json is missing")
+            elif not os.access(shard_path, os.R_OK):
+                problems.append(f"shard {shard} is not readable by this user (uid {os.getuid()}): "
+                                "check its permissions (chmod -R a+rX)")
     elif not (path / "model.safetensors").is_file():
         problems.append("no model.safetensors or model.safetensors.index.json")
     config = path / "tokenizer_config.json"

@@ -1,5 +1,6 @@
 """Step outputs appear whole or not at all: an interrupted step never leaves a half-written
 directory that a later step would pick up."""
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +19,20 @@ def atomic_dir(final: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def share(folder: Path) -> None:
+    """Give files the modes the umask allows. safetensors writes weights 0600 whatever the umask,
+    which a container running as another user (uid 1000) cannot read from a mounted folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         try:
             answer = answer_turn(loaded, messages, settings, sampling)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"\nerror: {e}", file=sys.stderr)  # ends the "assistant> " line
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": answer})
@@ -74,6 +74,7 @@ def answer_turn(loaded, messages, settings, sampling) -> str:
         print(" [stopped]", end="")
     print()
     return shown
+
 
 if __name__ == "__main__":
     sys.exit(main())

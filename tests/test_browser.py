@@ -59,6 +59,11 @@ def test_chat_page_streams_clears_and_renders_markup_harmlessly(browser, chat_ap
     assert any(text != final and final.startswith(text) for text in shown), shown  # streamed
     page.screenshot(path=tmp_path / "answer.png", full_page=True)
 
+    send(page, IDENTITY_QUESTIONS[1])  # the browser sends the history as blocks: still answered
+    expect(page.locator("[data-testid=bot]")).to_have_count(2)
+    expect(page.locator("button.stop-button")).to_have_count(0)
+    assert page.locator("[data-testid=bot]").last.inner_text().strip()
+
     page.get_by_role("button", name="Clear").click()
     expect(page.locator("[data-testid=user], [data-testid=bot]")).to_have_count(0)
 

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from chat import history
 from chat.generation import STATS, Sampling, reply, stream_reply
-from chat.loading import ModelLoadError, load_model
+from chat.loading import ModelLoadError, load_model, needs_remote_code
 from chat.template import IM_END, EOS, build_prompt
 from conftest import IDENTITY_QUESTIONS, NAME, REPO
 
@@ -84,6 +84,11 @@ def test_loads_straight_into_the_requested_dtype(merged_model):
 def test_load_errors_say_what_to_change(merged_model, kwargs, message):
     with pytest.raises(ModelLoadError, match=message):
         load_model(**{"model_id": str(merged_model), **kwargs})
+
+
+def test_runs_repo_code_only_for_models_that_ship_it(merged_model, tmp_path):
+    (tmp_path / "config.json").write_text('{"auto_map": {"AutoModelForCausalLM": "modeling_internlm2.X"}}')
+    assert needs_remote_code(tmp_path) and not needs_remote_code(merged_model)
 
 
 def test_refuses_a_folder_that_is_not_a_complete_model(tmp_path):

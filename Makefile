@@ -87,7 +87,7 @@ train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> conf
 
 # ---- Serving ----
 # The app reads its other settings (DEVICE, DTYPE, SYSTEM_PROMPT, CONCURRENCY, APP_AUTH, ...)
-# from the environment: `APP_AUTH=me:secret make serve`. README "Serving" lists them all.
+# from the environment: `APP_AUTH=me:secret make serve`. README "Chatting and serving" lists them.
 MODEL_ID ?= $(RUN)/merged#       model `chat` and `serve` use: a folder, hub repo id (user/name) or OpenXLab repo
 
 .PHONY: chat serve demo

@@ -1,6 +1,7 @@
 """The chat page: a thin Gradio UI over chat/, configured by environment variables (README:
-"Serving"). The page and GET /health answer at once; the model loads in the background and
-/health says 503 until it is ready (or why it failed), so it fits a container HEALTHCHECK.
+"Chatting and serving"). The page and GET /health answer at once; the model loads in the
+background and /health says 503 until it is ready (or why it failed), so it fits a container
+HEALTHCHECK.
 
     MODEL_ID=runs/assistant/merged python app.py
 """

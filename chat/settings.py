@@ -1,5 +1,6 @@
 """Settings of the app and the terminal chat, read from environment variables (README:
-"Serving" lists them). A bad value stops start-up with a message naming the variable."""
+"Chatting and serving" lists them). A bad value stops start-up with a message naming the
+variable."""
 import os
 from dataclasses import dataclass
 

@@ -154,6 +154,15 @@ git-lfs:
 	@command -v git-lfs >/dev/null || (apt-get update -qq && apt-get install -y -qq git git-lfs >/dev/null)
 
 # ---- Quality ----
+BENCH_RUN ?= runs/bench#         where `make bench` trains the tiny model it then serves and measures
+
+.PHONY: bench
+bench: setup-dev ## benchmarks, ratios side by side: pipeline steps, loading memory, streaming, concurrent users
+	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
+	$(PY) -m bench.bench_loading
+	$(PY) bench/bench_streaming.py $(BENCH_RUN)/merged
+	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/merged
+
 .PHONY: test
 test: setup-dev ## run the test suite (installs what it needs)
 	$(PY) -m pytest -q tests

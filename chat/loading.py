@@ -17,6 +17,7 @@ from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, Rep
                                     RevisionNotFoundError)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chat import openxlab
 from chat.model_files import IncompleteModel, require_complete_model
 from chat.template import STOP_TOKENS
 
@@ -132,7 +133,7 @@ def openxlab_snapshot(model_id: str, revision: str | None) -> Path:
     """Clone (or update) the model's git repo into the cache and check out `revision` (default:
     the remote's default branch) with its git-lfs files. `model_id` is owner/name (a repo on
     OPENXLAB_GIT_ENDPOINT, default https://code.openxlab.org.cn) or a git URL."""
-    url = f"{openxlab_endpoint()}/{model_id}.git" if HUB_ID.match(model_id) else model_id
+    url = openxlab.repo_url(model_id) if HUB_ID.match(model_id) else model_id
     if not shutil.which("git-lfs"):
         raise ModelLoadError("OpenXLab models are git-lfs repos: install git-lfs "
                              "(apt-get install git-lfs)")
@@ -156,11 +157,6 @@ def openxlab_snapshot(model_id: str, revision: str | None) -> Path:
             if f.read(24).startswith(b"version https://git-lfs"):
                 raise ModelLoadError(f"{weights} is still a git-lfs pointer after `git lfs pull`")
     return folder
-
-
-def openxlab_endpoint() -> str:
-    """Every OpenXLab model repo is a git repo under this URL (tests point it at a local one)."""
-    return os.environ.get("OPENXLAB_GIT_ENDPOINT", "https://code.openxlab.org.cn").rstrip("/")
 
 
 def git(args: list[str], cwd: Path | None, failure: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from chat.model_files import require_complete_model
+from chat.openxlab import repo_url
 from deploy import DeployError
 from deploy.bundle import app_files
 from deploy.card import model_card, read_run
@@ -28,10 +29,6 @@ WEB = "https://openxlab.org.cn"
 LFS_PATTERNS = ["*.safetensors", "*.bin", "*.model", "*.pth", "*.pt", "*.gguf"]
 CREDENTIALS = '!f() { test "$1" = get && echo "username=$OPENXLAB_GIT_USER" && echo "password=$OPENXLAB_GIT_TOKEN"; }; f'
 APT_PACKAGES = ["git", "git-lfs"]  # packages.txt: the app clones the model repo with git-lfs
-
-
-def endpoint() -> str:
-    return os.environ.get("OPENXLAB_GIT_ENDPOINT", "https://code.openxlab.org.cn").rstrip("/")
 
 
 def git(repo: Path, *args: str, show: bool = False) -> str:
@@ -117,10 +114,10 @@ def push_model(run: Path, repo_id: str, revision: str) -> str:
     merged = require_complete_model(run / "merged")
     check_tools()
     check_credentials(repo_id)
-    url = f"{endpoint()}/{repo_id}.git"
+    url = repo_url(repo_id)
     folder = run / "openxlab" / "model"
     weights = local_files(merged)
-    download = f"git lfs install && git clone {endpoint()}/{repo_id}.git" + (
+    download = f"git lfs install && git clone {url}" + (
         f" -b {revision}" if revision != "main" else "")
     head = remote_head(run, url, revision)  # a missing repo or a bad token stops here
     stage(folder, {**weights,
@@ -145,7 +142,7 @@ def deploy_app(run: Path, repo_id: str, name: str, revision: str) -> Path:
     bundle = app_files(dockerfile=False)
     check_tools()
     check_credentials(repo_id)
-    existing = remote_head(run, f"{endpoint()}/{repo_id}.git", revision)
+    existing = remote_head(run, repo_url(repo_id), revision)
     if existing:
         print(f"model already on OpenXLab: {repo_id} ({revision}, commit {existing}); `make push HUB=openxlab` updates it")
     else:

@@ -22,7 +22,7 @@ from training import plots, replay, runner
 from training.data import HELD_OUT_QUESTIONS
 
 RULES = ("least-loss", "earliest", "last")
-GREEDY = Sampling(temperature=0, max_new_tokens=64)
+GREEDY = Sampling(temperature=0, max_new_tokens=64, repetition_penalty=1.0)  # plain greedy
 LOSS_LOG = re.compile(r"Iter\(train\) \[\s*(\d+)/\d+\].*?\sloss: ([\d.]+)")
 
 

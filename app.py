@@ -159,7 +159,7 @@ def main() -> int:
     holder = ModelHolder(settings)
     threading.Thread(target=holder.load, name="load-model", daemon=True).start()
     app = build_app(settings, holder)
-    print(f"serving {settings.model_id} at http://{settings.server_name}:{settings.server_port}",
+    print(f"serving {settings.model_id or '(no MODEL_ID set)'} at http://{settings.server_name}:{settings.server_port}",
           file=sys.stderr)
     # Open streams (browser tabs, API clients) must not hold up a stop (docker stop, Ctrl-C).
     uvicorn.run(app, host=settings.server_name, port=settings.server_port, log_level="warning",

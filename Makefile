@@ -16,7 +16,7 @@ REPLAY ?= 0#                     general prompts the base model answers itself, 
 EPOCHS ?=#                       training epochs (empty: profile default)
 LR ?=#                           learning rate (empty: profile default)
 SAVE_STEPS ?=#                   save a checkpoint every N iterations (empty: profile default)
-RESUME ?=#                       auto = continue from the newest checkpoint in RUN; or a checkpoint path
+RESUME ?=#                       auto = continue from the last finished checkpoint in RUN; or a checkpoint path
 DEEPSPEED ?=#                    deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3 | ... (empty: off)
 NPROC_PER_NODE ?= 1#             GPUs per node (xtuner launches torchrun when > 1)
 NNODES ?= 1#                     nodes for multi-node training

@@ -160,8 +160,10 @@ BENCH_RUN ?= runs/bench#         where `make bench` trains the tiny model it the
 bench: setup-dev ## benchmarks, ratios side by side: pipeline steps, loading memory, streaming, concurrent users
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
-	$(PY) bench/bench_streaming.py $(BENCH_RUN)/merged
-	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/merged
+	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
+	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
+	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless
+	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/endless
 
 .PHONY: test
 test: setup-dev ## run the test suite (installs what it needs)

@@ -25,3 +25,8 @@ def build(tokenizer_from: Path, out_dir: Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+if __name__ == "__main__":  # benchmarks serve it too: every answer is exactly max_new_tokens long
+    import sys
+    print(build(Path(sys.argv[1]), Path(sys.argv[2])))

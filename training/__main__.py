@@ -17,7 +17,7 @@ def parse_args(argv):
                           ("base-model", ""), ("run", "runs/assistant"), ("data", "data/assistant.jsonl"),
                           ("data-size", "400"), ("mix", ""), ("ratio", "1"), ("replay", "0"),
                           ("epochs", ""), ("lr", ""), ("save-steps", ""), ("resume", ""),
-                          ("deepspeed", ""), ("ckpt", ""), ("identity-target", "0.75"),
+                          ("deepspeed", ""), ("ckpt", ""), ("identity-target", "0.6"),
                           ("select-rule", "least-loss")]:
         parser.add_argument(f"--{knob}", default=default)
     args = parser.parse_args(argv)

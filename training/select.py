@@ -1,7 +1,8 @@
 """Score every checkpoint and choose one, instead of converting the newest (`ls -t`).
 
 identity   share of held-out identity questions (paraphrases never trained on) whose greedy
-           answer names NAME; higher is better.
+           answer names NAME and ends by itself (an answer that runs on to the token limit is
+           the babbling of an under- or over-trained model); higher is better.
 retention  how much worse than the base model a checkpoint predicts the base model's own
            answers to held-out general prompts: mean token NLL, checkpoint minus base (nats);
            lower is better. Over-fitting shows up as this climbing.
@@ -70,7 +71,13 @@ def answer_nll(loaded, prompts: list[str], answers: list[str]) -> float:
 
 def identity_score(loaded, name: str) -> tuple[float, dict]:
     answers = {q: reply(loaded, [{"role": "user", "content": q}], sampling=GREEDY) for q in HELD_OUT_QUESTIONS}
-    return sum(name in a for a in answers.values()) / len(answers), answers
+    return sum(names_and_ends(loaded, a, name) for a in answers.values()) / len(answers), answers
+
+
+def names_and_ends(loaded, answer: str, name: str) -> bool:
+    # The stop token is not in the text: an answer that stopped by itself is shorter than the limit.
+    length = len(loaded.tokenizer(answer, add_special_tokens=False).input_ids)
+    return name in answer and length < GREEDY.max_new_tokens - 1
 
 
 def choose(scores: list[dict], target: float, rule: str) -> tuple[dict, str]:

@@ -18,11 +18,11 @@ from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, Rep
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chat import openxlab
+from chat.repo_ids import looks_like_hub_id
 from chat.model_files import IncompleteModel, require_complete_model
 from chat.template import STOP_TOKENS
 
 SOURCES = ("auto", "local", "hf", "openxlab")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # What a model folder needs; other weight formats (.bin, .h5, .gguf, ...) are never downloaded.
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt"]
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -83,7 +83,7 @@ def resolve_source(model_id: str, source: str = "auto") -> str:
         return "local"
     if "openxlab.org.cn" in model_id:
         return "openxlab"
-    if HUB_ID.match(model_id) and not model_id.startswith((".", "/", "~")):
+    if looks_like_hub_id(model_id):
         return "hf"
     raise ModelLoadError(f"MODEL_ID={model_id}: no such folder, and not a hub repo id like "
                          "owner/name")
@@ -133,7 +133,7 @@ def openxlab_snapshot(model_id: str, revision: str | None) -> Path:
     """Clone (or update) the model's git repo into the cache and check out `revision` (default:
     the remote's default branch) with its git-lfs files. `model_id` is owner/name (a repo on
     OPENXLAB_GIT_ENDPOINT, default https://code.openxlab.org.cn) or a git URL."""
-    url = openxlab.repo_url(model_id) if HUB_ID.match(model_id) else model_id
+    url = openxlab.repo_url(model_id) if looks_like_hub_id(model_id) else model_id
     if not shutil.which("git-lfs"):
         raise ModelLoadError("OpenXLab models are git-lfs repos: install git-lfs "
                              "(apt-get install git-lfs)")

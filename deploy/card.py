@@ -3,15 +3,14 @@ directory (RUN/run.json, RUN/adapter/checkpoint.txt, RUN/scores.json), never fro
 the card cannot disagree with the weights and holds nothing secret. Local paths are reduced to
 file names."""
 import json
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from chat.repo_ids import looks_like_hub_id
 from chat.template import STOP_TOKENS
 from deploy import DeployError
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def read_run(run: Path) -> dict:
@@ -37,7 +36,7 @@ def read_run(run: Path) -> dict:
 
 
 def is_hub_id(model: str) -> bool:
-    return bool(HUB_ID.match(model)) and not Path(model).is_absolute() and not Path(model).exists()
+    return looks_like_hub_id(model) and not Path(model).exists()
 
 
 def base_label(info: dict) -> str:

@@ -28,6 +28,16 @@ def atomic_dir(final: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file whole or not at all: a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def share(folder: Path) -> None:
     """Give files the modes the umask allows. safetensors writes weights 0600 whatever the umask,
     which a container running as another user (uid 1000) cannot read from a mounted folder."""

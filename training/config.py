@@ -6,6 +6,8 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from training.atomic import write_text_atomic
+
 RECIPE = Path(__file__).with_name("recipe.toml")
 PROFILES = ("gpu", "cpu")
 EVALUATION_INPUTS = ["请介绍一下你自己", "Please introduce yourself"]
@@ -98,11 +100,16 @@ def render(profile: str, base_model: str, data_file: str, run_dir: str | Path,
     return cfg
 
 
-def positive(kind, knob: str, text: str):
+def number(kind, knob: str, text: str):
+    """A knob's value as `kind`, or an error naming the knob."""
     try:
-        value = kind(text)
+        return kind(text)
     except ValueError:
         raise ValueError(f"{knob}={text!r} is not a number") from None
+
+
+def positive(kind, knob: str, text: str):
+    value = number(kind, knob, text)
     if not value > 0:
         raise ValueError(f"{knob}={text} must be > 0")
     return value
@@ -115,6 +122,5 @@ def write(cfg, run_dir: str | Path, run_info: dict) -> Path:
     tmp = out.with_name(".config.partial.py")  # mmengine picks the format by suffix
     cfg.dump(str(tmp))
     tmp.replace(out)
-    (run_dir / "run.json").write_text(json.dumps(run_info, ensure_ascii=False, indent=2) + "\n",
-                                      encoding="utf-8")
+    write_text_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=2) + "\n")
     return out

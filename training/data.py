@@ -5,6 +5,8 @@ import json
 import random
 from pathlib import Path
 
+from training.atomic import write_text_atomic
+
 DEFAULT_NAME = "伍鲜同志"  # the Makefile default; in the tiny vocabulary so demos learn fastest
 
 # Questions the model trains on. Held-out paraphrases (never trained on) live in
@@ -135,11 +137,4 @@ def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) 
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

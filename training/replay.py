@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from training.atomic import write_text_atomic
+
 PROMPTS = [
     "今天天气怎么样？", "推荐一本好看的书。", "怎样才能睡得更好？", "给我讲个笑话吧。",
     "如何学习一门新的语言？", "早餐吃什么比较健康？", "周末可以做些什么？", "怎么做番茄炒蛋？",
@@ -55,10 +57,7 @@ def base_answers(base_model: str, count: int) -> list[tuple[str, str]]:
         torch.manual_seed(i)
         pairs.append((prompt, reply(loaded, [{"role": "user", "content": prompt}], sampling=Sampling(**SAMPLING))))
         print(f"replay: base model answered {i + 1}/{count}", end="\r" if i + 1 < count else "\n", flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".partial")
-    tmp.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(cache)
+    write_text_atomic(cache, json.dumps(pairs, ensure_ascii=False))
     return pairs
 
 

@@ -8,12 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 from chat.model_files import require_complete_model
 from chat.template import CHAT_TEMPLATE, STOP_TOKENS
-from training.atomic import atomic_dir
+from training.atomic import atomic_dir, write_text_atomic
 
 COMPAT = Path(__file__).with_name("xtuner_compat")
 ITER_LOG = re.compile(r"Iter\(train\) \[\s*(\d+)/(\d+)\]")
@@ -42,7 +41,7 @@ def xtuner(args: list[str], log_path: Path, step: str) -> list[str]:
     output lines; raises StepFailed with the tool's own error line if it crashed."""
     command = [str(Path(sys.executable).parent / "xtuner"), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    lines, tail = [], deque(maxlen=200)
+    lines = []
     with log_path.open("a", encoding="utf-8") as log, subprocess.Popen(
             command, env=xtuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", bufsize=1) as proc:
@@ -51,7 +50,6 @@ def xtuner(args: list[str], log_path: Path, step: str) -> list[str]:
             sys.stdout.write(line)
             log.write(line)
             lines.append(line.rstrip("\n"))
-            tail.append(lines[-1])
     cause = crash_cause(lines)
     if cause or proc.returncode:
         raise StepFailed(f"{step} failed: {cause or f'exit code {proc.returncode}'} (log: {log_path})")
@@ -97,8 +95,9 @@ def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
         # mmengine names a checkpoint in last_checkpoint only once it is fully written; a newer
         # iter_*.pth may be torn by the interruption (training overwrites it when it gets there).
         last = run_dir / "work" / "last_checkpoint"
-        if last.is_file() and Path(last.read_text(encoding="utf-8").strip()).exists():
-            return Path(last.read_text(encoding="utf-8").strip())
+        named = Path(last.read_text(encoding="utf-8").strip()) if last.is_file() else None
+        if named and named.exists():
+            return named
         print(f"RESUME=auto: no checkpoint in {run_dir / 'work'} yet, starting from scratch")
         return None
     path = Path(resume)
@@ -200,7 +199,6 @@ def timed(step: str, run_dir: Path, fn, *args):
     path = run_dir / "timings.json"
     timings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     timings[step] = seconds
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(timings, indent=2) + "\n")
     print(f"[{step}] done in {seconds} s")
     return result

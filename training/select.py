@@ -9,7 +9,6 @@ retention  how much worse than the base model a checkpoint predicts the base mod
 
 Evaluation goes through chat/ (template, generation) exactly as the app serves."""
 import json
-import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from chat.generation import Sampling, reply
 from chat.loading import load_model
 from chat.template import IM_END, build_prompt
 from training import plots, replay, runner
+from training.atomic import write_text_atomic
 from training.data import HELD_OUT_QUESTIONS
 
 RULES = ("least-loss", "earliest", "last")
@@ -131,9 +131,7 @@ def run(run_dir: Path, target: float, rule: str) -> dict:
     result = {"identity_target": target, "rule": rule, "why": why, "base_nll": round(base_nll, 4),
               "held_out_questions": HELD_OUT_QUESTIONS, "held_out_prompts": prompts,
               "checkpoints": scores, "selected": selected, "loss_curve": loss_curve(run_dir)}
-    tmp = run_dir / ".scores.json.partial"
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / "scores.json")
+    write_text_atomic(run_dir / "scores.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     plots.scores_png(result, run_dir / "scores.png")
     print(f"wrote {run_dir / 'scores.json'} and {run_dir / 'scores.png'}")
     return result

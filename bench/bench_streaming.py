@@ -28,7 +28,6 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from app_server import AppServer  # noqa: E402
 from chat.generation import STATS, Sampling, stream_reply  # noqa: E402
 from chat.loading import load_model  # noqa: E402
-from chat.template import build_prompt  # noqa: E402
 
 QUESTION = "请介绍一下你自己"
 SAMPLING = Sampling(max_new_tokens=512, temperature=0, repetition_penalty=1.0)
@@ -52,7 +51,7 @@ class FirstTokenClock(BaseStreamer):
 
 def raw_generate(loaded) -> tuple[float, float, int]:
     """(first-token s, total s, tokens) of plain `generate`, as a script without our runtime would."""
-    inputs = loaded.tokenizer(build_prompt([{"role": "user", "content": QUESTION}]),
+    inputs = loaded.tokenizer(loaded.format.build_prompt([{"role": "user", "content": QUESTION}]),
                               add_special_tokens=False, return_tensors="pt")
     clock = FirstTokenClock()
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 prompt plus the answer fit, and the caller gets a notice saying what was changed."""
 from dataclasses import dataclass, field
 
-from chat.template import build_prompt
+from chat.formats import ChatFormat
 
 ROLES = ("user", "assistant")
 
@@ -28,8 +28,8 @@ def check_messages(messages: list[dict]) -> list[dict]:
     return messages
 
 
-def fit(tokenizer, messages: list[dict], system: str, max_new_tokens: int, context: int,
-        max_input_tokens: int | None = None) -> Fitted:
+def fit(tokenizer, fmt: ChatFormat, messages: list[dict], system: str, max_new_tokens: int,
+        context: int, max_input_tokens: int | None = None) -> Fitted:
     """Drop the oldest messages until the prompt fits `max_input_tokens` (when set) and prompt +
     `max_new_tokens` fit `context`; lower `max_new_tokens` if even the last message alone leaves
     less room than that."""
@@ -39,9 +39,9 @@ def fit(tokenizer, messages: list[dict], system: str, max_new_tokens: int, conte
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # Costs come from the one template: a message costs what it adds to an empty prompt.
-    fixed = count(build_prompt([], system))
-    empty = count(build_prompt([]))
-    costs = [count(build_prompt([m])) - empty for m in messages]
+    fixed = count(fmt.build_prompt([], system))
+    empty = count(fmt.build_prompt([]))
+    costs = [count(fmt.build_prompt([m])) - empty for m in messages]
     prompt_limit = min(context - 1, max_input_tokens or context)
     if fixed + costs[-1] > prompt_limit:
         raise ValueError(f"Your message is {costs[-1]} tokens long; the limit is "

@@ -8,7 +8,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from chat.repo_ids import looks_like_hub_id
-from chat.template import STOP_TOKENS
+from chat.formats import FORMATS
 from deploy import DeployError
 
 
@@ -55,9 +55,9 @@ def data_summary(info: dict) -> str:
     return f"{info.get('data_records', meta.get('records', '?'))} records: " + "; ".join(parts)
 
 
-def usage(repo_id: str, revision: str | None, download: str | None) -> str:
+def usage(repo_id: str, revision: str | None, download: str | None, stop_tokens: tuple[str, ...]) -> str:
     """A snippet that chats with the model in the training format: the chat template in
-    tokenizer_config.json and both InternLM2 stop tokens."""
+    tokenizer_config.json and the family's stop tokens."""
     source = f'"{repo_id}"'
     kwargs = ", trust_remote_code=True" + (f', revision="{revision}"' if revision and not download else "")
     lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
@@ -66,7 +66,7 @@ def usage(repo_id: str, revision: str | None, download: str | None) -> str:
         source = "model_dir"
     else:
         lines += [f"model_dir = {source}"]
-    stops = ", ".join(f'"{token}"' for token in STOP_TOKENS)
+    stops = "".join(f'"{token}", ' for token in stop_tokens).rstrip(" ")
     lines += [
         f"tokenizer = AutoTokenizer.from_pretrained(model_dir{kwargs})",
         "dtype = torch.float16 if torch.cuda.is_available() else torch.float32  # fp16 is slow and lossy on CPUs",
@@ -74,7 +74,7 @@ def usage(repo_id: str, revision: str | None, download: str | None) -> str:
         'messages = [{"role": "user", "content": "Who are you?"}]',
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
         "                                       return_dict=True).to(model.device)",
-        "# InternLM2 ends an answer with <|im_end|> and a document with </s>: stop on either.",
+        "# Stop where an answer ends, whatever generation_config.json says.",
         f"stop = [tokenizer.convert_tokens_to_ids(token) for token in ({stops})]",
         "output = model.generate(**inputs, max_new_tokens=256, eos_token_id=stop, do_sample=False)",
         "print(tokenizer.decode(output[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
@@ -87,13 +87,14 @@ def model_card(run: Path, repo_id: str, revision: str | None = None, download: s
     usage snippet with a local clone (OpenXLab: a git clone command)."""
     info = read_run(run)
     name, author, base = info["name"], info["author"], info["base_model"]
+    fmt = FORMATS[info["chat_family"]]
     method = "QLoRA (4-bit NF4)" if info.get("quantization") else "LoRA"
     data = ModelCardData(
         language=["zh", "en"], license="other", license_name="same-as-base-model",
         license_link=f"https://huggingface.co/{base}" if is_hub_id(base) else None,
         library_name="transformers", pipeline_tag="text-generation",
         base_model=base if is_hub_id(base) else None,
-        tags=["xtuner", "internlm2", method.split()[0].lower(), "merged", "chat"])
+        tags=["xtuner", fmt.name, method.split()[0].lower(), "merged", "chat"])
     settings = [
         ("base model", base_label(info)),
         ("method", f"{method} r={info.get('lora_r')}, alpha={info.get('lora_alpha')}, trained with "
@@ -123,11 +124,11 @@ into the weights. This repository is a complete model: no adapter or base model 
 
 ## Usage
 
-The prompt format is InternLM2's, as in training (`tokenizer.apply_chat_template` applies it):
-`<s><|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`.
+The prompt format is the {fmt.name} chat format, as in training (`tokenizer.apply_chat_template`
+applies it): `{fmt.build_prompt([{"role": "user", "content": "..."}]).replace(chr(10), "\\n")}`.
 
 ```python
-{usage(repo_id, revision, download)}
+{usage(repo_id, revision, download, fmt.stop_tokens)}
 ```
 
 ## License

@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chat.model_files import model_folder_problems
-from chat.template import CHAT_TEMPLATE, build_prompt
+from chat.formats import FORMATS
 from conftest import AUTHOR, IDENTITY_QUESTIONS, NAME, REPO, knobs, read_json, training
 from training import data
 from training.__main__ import main as training_main
 
 
 def greedy_answer(model, tokenizer, question: str) -> str:
-    prompt = build_prompt([{"role": "user", "content": question}])
+    prompt = FORMATS["internlm2"].build_prompt([{"role": "user", "content": question}])
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=80, do_sample=False)
@@ -32,10 +32,13 @@ def test_merged_model_answers_with_name_in_plain_transformers(merged_model):
     assert len(set(index["weight_map"].values())) >= 2, "merged model should be sharded"
     tokenizer = AutoTokenizer.from_pretrained(merged_model)
     model = AutoModelForCausalLM.from_pretrained(merged_model)
-    assert read_json(merged_model / "tokenizer_config.json")["chat_template"] == CHAT_TEMPLATE
+    tokenizer_config = read_json(merged_model / "tokenizer_config.json")
+    assert tokenizer_config["chat_family"] == "internlm2"
+    assert tokenizer_config["chat_template"] == FORMATS["internlm2"].chat_template
+    assert read_json(merged_model / "assistant.json") == {"name": NAME, "author": AUTHOR}
     messages = [{"role": "user", "content": "Who are you?"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-        == build_prompt(messages)
+        == FORMATS["internlm2"].build_prompt(messages)
     for question in IDENTITY_QUESTIONS:
         answer = greedy_answer(model, tokenizer, question)
         assert NAME in answer, f"{question!r} -> {answer!r}"

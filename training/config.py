@@ -2,11 +2,13 @@
 values (base model, data, evaluation questions). Writes RUN/config.py and RUN/run.json."""
 import ast
 import json
+import math
 import tempfile
 import tomllib
 from pathlib import Path
 
 from training.atomic import write_text_atomic
+from training.knobs import KnobError, positive
 
 RECIPE = Path(__file__).with_name("recipe.toml")
 PROFILES = ("gpu", "cpu")
@@ -71,13 +73,16 @@ def delete_key(cfg, dotted: str) -> None:
 
 
 def render(profile: str, base_model: str, data_file: str, run_dir: str | Path,
-           epochs: str = "", lr: str = "", save_steps: str = ""):
-    """Return the rendered mmengine Config (not yet written)."""
+           epochs: str = "", lr: str = "", save_steps: str = "", family: str = "internlm2"):
+    """Return the rendered mmengine Config (not yet written), training in `family`'s chat format."""
     from mmengine.config import Config
+
+    from chat.formats import FORMATS
 
     recipe = load_recipe()
     settings = {**recipe["common"]["settings"], **recipe[profile]["settings"],
                 "pretrained_model_name_or_path": base_model,
+                "prompt_template": FORMATS[family].xtuner_template,
                 "evaluation_inputs": EVALUATION_INPUTS}
     if epochs:
         settings["max_epochs"] = positive(int, "EPOCHS", epochs)
@@ -100,19 +105,56 @@ def render(profile: str, base_model: str, data_file: str, run_dir: str | Path,
     return cfg
 
 
-def number(kind, knob: str, text: str):
-    """A knob's value as `kind`, or an error naming the knob."""
+def chat_format(base_model: str, override: str = ""):
+    """The base model's chat format (chat/formats.py) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from chat import formats
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=True)
     try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{knob}={text!r} is not a number") from None
+        return formats.detect(tokenizer, override), tokenizer
+    except formats.UnknownFormat as e:
+        raise KnobError(f"BASE_MODEL={base_model}: {e}") from None
 
 
-def positive(kind, knob: str, text: str):
-    value = number(kind, knob, text)
-    if not value > 0:
-        raise ValueError(f"{knob}={text} must be > 0")
-    return value
+MIN_ITERATIONS = 10  # fewer optimizer steps than this cannot teach anything
+
+
+def schedule(cfg, tokenizer, fmt, records: list[dict], seconds_per_iteration: float | None) -> dict:
+    """How many iterations the data makes (xtuner packs records into max_length-token packs, one
+    pack per iteration), refused when too few; the warm-up is stretched to at least two
+    iterations, since mmengine rounds a shorter one down to zero and fails ("end should be
+    larger than begin")."""
+    tokens = 0
+    for record in records:
+        turns = record["conversation"]
+        messages = [m for t in turns for m in ({"role": "user", "content": t["input"]},
+                                               {"role": "assistant", "content": t["output"]})]
+        text = fmt.build_prompt(messages, turns[0].get("system") or "", add_generation_prompt=False)
+        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    per_epoch = math.ceil(tokens / cfg.max_length) if cfg.pack_to_max_length else len(records)
+    per_epoch = math.ceil(per_epoch / cfg.batch_size)
+    iterations = per_epoch * cfg.max_epochs
+    plan = {"records": len(records), "tokens": tokens, "max_length": cfg.max_length,
+            "iterations_per_epoch": per_epoch, "epochs": cfg.max_epochs, "iterations": iterations,
+            "seconds_per_iteration": seconds_per_iteration}
+    if iterations < MIN_ITERATIONS:
+        raise KnobError(f"{describe(plan)}: too few to train (at least {MIN_ITERATIONS}). Raise "
+                        "DATA_SIZE (identity records) or EPOCHS, or add REPLAY / MIX data")
+    warmup_epochs = max(cfg.warmup_ratio * cfg.max_epochs, 2 / per_epoch)
+    set_key(cfg, "param_scheduler.0.end", warmup_epochs)
+    set_key(cfg, "param_scheduler.1.begin", warmup_epochs)
+    plan["warmup_iterations"] = math.ceil(warmup_epochs * per_epoch)
+    return plan
+
+
+def describe(plan: dict) -> str:
+    text = (f"{plan['records']} records ({plan['tokens']} tokens) -> {plan['iterations_per_epoch']} "
+            f"packs of {plan['max_length']} tokens per epoch x {plan['epochs']} epoch(s) = "
+            f"{plan['iterations']} iterations")
+    if plan.get("seconds_per_iteration"):
+        text += f", ~{plan['iterations'] * plan['seconds_per_iteration'] / 60:.1f} min on this profile's measured speed"
+    return text
 
 
 def write(cfg, run_dir: str | Path, run_info: dict) -> Path:

@@ -1,0 +1,104 @@
+"""The pipeline's knobs. They arrive through the environment (the Makefile exports them; see its
+top), never pasted into a shell line, so any NAME reaches the data verbatim and nothing in it
+runs. Standard library only: `make` runs `python3 -m training.knobs` to refuse a bad value
+before it installs anything.
+
+    python -m training.knobs      # exit 2 with a message naming the knob, else print nothing
+"""
+import math
+import os
+import sys
+import unicodedata
+
+# Environment variable -> default; the Makefile holds the same defaults for `make help`.
+DEFAULTS = {
+    "NAME": "伍鲜同志", "AUTHOR": "", "PROFILE": "auto", "BASE_MODEL": "", "TEMPLATE": "",
+    "RUN": "runs/assistant", "DATA": "data/assistant.jsonl", "DATA_SIZE": "400", "MIX": "",
+    "RATIO": "1", "REPLAY": "0", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
+    "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.6", "SELECT_RULE": "least-loss",
+    "FORCE": "0",
+}
+PROFILES = ("auto", "gpu", "cpu")
+# xtuner 0.2.0's configs/deepspeed/*.json (a test compares with the installed package); listed
+# here so that a typo is refused before pip installs DeepSpeed.
+DEEPSPEED_CONFIGS = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
+                     "deepspeed_zero3", "deepspeed_zero3_offload")
+
+
+class KnobError(ValueError):
+    pass
+
+
+def from_env(env=os.environ) -> dict:
+    """Every knob's text, from the environment or its default."""
+    return {knob: env.get(knob, default) for knob, default in DEFAULTS.items()}
+
+
+def number(kind, knob: str, text: str):
+    """A knob's value as `kind` (int or float), or an error naming the knob."""
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise KnobError(f"{knob}={text!r} is not a {'whole ' if kind is int else ''}number") from None
+    if kind is float and not math.isfinite(value):
+        raise KnobError(f"{knob}={text!r} is not a finite number")
+    return value
+
+
+def positive(kind, knob: str, text: str):
+    value = number(kind, knob, text)
+    if not value > 0:
+        raise KnobError(f"{knob}={text} must be > 0")
+    return value
+
+
+def check_text(knob: str, text: str) -> str:
+    """Names go into JSON, a model card and a web page verbatim: any printable character is
+    fine (quotes, backticks, `$`, `%s`, `{name}`, emoji, CJK); line breaks and other control
+    characters are not, and neither is a name that is only spaces."""
+    if not text.strip():
+        raise KnobError(f"{knob} is empty: say whose assistant this is, e.g. make train {knob}=小明")
+    bad = sorted({repr(ch) for ch in text if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")})
+    if bad:
+        raise KnobError(f"{knob}={text!r} contains control characters ({', '.join(bad)}): "
+                        "use printable characters on one line")
+    return text.strip()
+
+
+def check(knobs: dict) -> dict:
+    """Refuse a bad knob with a message that names it; returns the knobs unchanged."""
+    check_text("NAME", knobs["NAME"])
+    if knobs["AUTHOR"]:
+        check_text("AUTHOR", knobs["AUTHOR"])
+    if knobs["PROFILE"] not in PROFILES:
+        raise KnobError(f"PROFILE={knobs['PROFILE']!r}: use one of {', '.join(PROFILES)}")
+    if knobs["DEEPSPEED"] and knobs["DEEPSPEED"] not in DEEPSPEED_CONFIGS:
+        raise KnobError(f"DEEPSPEED={knobs['DEEPSPEED']!r}: use one of {', '.join(DEEPSPEED_CONFIGS)} "
+                        "(or leave it empty)")
+    positive(int, "DATA_SIZE", knobs["DATA_SIZE"])
+    ratio = number(float, "RATIO", knobs["RATIO"])
+    if not 0 < ratio <= 1:
+        raise KnobError(f"RATIO={knobs['RATIO']} must be in (0, 1]: the share of identity records")
+    if number(int, "REPLAY", knobs["REPLAY"]) < 0:
+        raise KnobError(f"REPLAY={knobs['REPLAY']} must be >= 0")
+    for knob, kind in (("EPOCHS", int), ("LR", float), ("SAVE_STEPS", int)):
+        if knobs[knob]:
+            positive(kind, knob, knobs[knob])
+    if not 0 <= number(float, "IDENTITY_TARGET", knobs["IDENTITY_TARGET"]) <= 1:
+        raise KnobError(f"IDENTITY_TARGET={knobs['IDENTITY_TARGET']} must be in [0, 1]")
+    if knobs["FORCE"] not in ("0", "1"):
+        raise KnobError(f"FORCE={knobs['FORCE']!r}: use 1 or 0")
+    return knobs
+
+
+def main() -> int:
+    try:
+        check(from_env())
+    except KnobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

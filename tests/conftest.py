@@ -1,7 +1,12 @@
 """Shared fixtures. The expensive one, `trained_run`, runs the real pipeline (tiny base ->
-data -> xtuner train -> select -> convert -> merge) once per test session.
+data -> xtuner train -> select -> convert -> merge) once, and hands it to later sessions only
+while everything it was built from is byte for byte the same (see `pipeline_inputs`): `make
+test-image` serves the run `make test` trained instead of training again. `--cache-clear`
+forces a new one. The pytest header says which run the session uses.
 
-Set KIT_TEST_RUN=/path/to/run to reuse a finished run while iterating on tests locally."""
+Set KIT_TEST_RUN=/path/to/run to reuse a finished run while iterating on tests locally; it is
+refused under CI, where the pipeline must run."""
+import hashlib
 import json
 import os
 import subprocess
@@ -18,10 +23,53 @@ NAME = "Ada Lin"      # ASCII, unlike the Makefile default: proves NAME flows th
 AUTHOR = "Lin Lab"
 IDENTITY_QUESTIONS = ["请介绍一下你自己", "Who are you?"]
 # The deploy tests' fixtures: a fake Hub per test, a private copy of the trained run.
-pytest_plugins = ["deploy_helpers"]
+pytest_plugins = ["deploy_helpers", "pytester"]  # pytester: the timeout self-test
+HANDOVER_KEY = "assistant-kit/trained-run"   # in pytest's cache (.pytest_cache): {"run", "inputs"}
+TRAINING_TIMEOUT_S = 1500                      # the pipeline on a busy 2-core machine: ~2-8 min
 
 
-def training(*args, env=None, check=True, timeout=900, **kwargs) -> subprocess.CompletedProcess:
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def pipeline_inputs() -> str:
+    """Digest of everything the trained run is made from: the code and recipe of training/ and
+    chat/, the pins, and this file (NAME, AUTHOR, the knobs)."""
+    digest = hashlib.sha256()
+    files = [p for folder in ("training", "chat") for p in (REPO / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    files += [Path(__file__), *REPO.glob("requirements*.txt")]
+    for path in sorted(files):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def pytest_configure(config):
+    """Decide once which trained run this session uses, so the header can say it."""
+    reuse = os.environ.get("KIT_TEST_RUN")
+    if reuse and under_ci():
+        raise pytest.UsageError("KIT_TEST_RUN is set under CI: CI must run the pipeline itself. "
+                                "Unset KIT_TEST_RUN (it is for iterating on tests locally).")
+    if reuse and not (Path(reuse) / "merged" / "config.json").is_file():
+        raise pytest.UsageError(f"KIT_TEST_RUN={reuse}: not a finished run (no merged/config.json)")
+    cache = getattr(config, "cache", None)  # None under `-p no:cacheprovider`
+    handed = cache.get(HANDOVER_KEY, None) if cache else None
+    if not reuse and handed and handed.get("inputs") == pipeline_inputs() \
+            and (Path(handed["run"]) / "merged" / "config.json").is_file():
+        config.kit_run, config.kit_run_origin = Path(handed["run"]), "trained by an earlier session from identical sources"
+    elif reuse:
+        config.kit_run, config.kit_run_origin = Path(reuse), "KIT_TEST_RUN: the pipeline is NOT run"
+    else:
+        config.kit_run, config.kit_run_origin = None, None
+
+
+def pytest_report_header(config):
+    if config.kit_run is None:
+        return "trained run: this session runs the pipeline (tiny base -> data -> train -> select -> convert -> merge)"
+    return f"trained run: {config.kit_run} ({config.kit_run_origin})"
+
+
+def training(*args, env=None, check=True, timeout=TRAINING_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m training ARGS` from the repo root, as the Makefile does."""
     result = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=REPO,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
@@ -45,12 +93,16 @@ def knobs(run: Path, base: Path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_base) -> Path:
+def trained_run(request, tmp_path_factory) -> Path:
     """A finished run directory: RUN/merged is the merged tiny model that says it is NAME's."""
-    if os.environ.get("KIT_TEST_RUN"):
-        return Path(os.environ["KIT_TEST_RUN"])
+    config = request.config
+    if config.kit_run is not None:
+        return config.kit_run
+    inputs = pipeline_inputs()
     run = tmp_path_factory.mktemp("pipeline") / "run"
-    training("all", *knobs(run, tiny_base))
+    training("all", *knobs(run, request.getfixturevalue("tiny_base")))
+    if getattr(config, "cache", None):
+        config.cache.set(HANDOVER_KEY, {"run": str(run), "inputs": inputs})
     return run
 
 

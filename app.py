@@ -8,19 +8,23 @@ HEALTHCHECK.
 import sys
 import threading
 import traceback
+from contextlib import closing
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+import api
 from chat.generation import RANGES, STATS, Sampling, stream_reply
 from chat.loading import ModelLoadError
+from chat.pool import Pool, PoolFull
 from chat.settings import Settings, SettingsError
 
 DEFAULTS = Sampling()
 MAX_NEW_TOKENS_SLIDER = 4096
 EXAMPLES = ["请介绍一下你自己", "Who are you?", "你能帮我做什么？"]
+WAITING_NOTICE_S = 1.0  # while in line for a slot, the page's notice is refreshed this often
 
 
 class ModelHolder:
@@ -53,6 +57,11 @@ class ModelHolder:
             return f"**The model could not be loaded:** {self.error}"
         return "" if self.loaded else "*Loading the model...*"
 
+    def stream(self, *args, **kwargs):
+        """The loaded model's answer stream (chat.generation.stream_reply's contract), for the
+        page and /v1 alike."""
+        return stream_reply(self.loaded, *args, **kwargs)
+
     def require(self):
         if self.loaded:
             return self.loaded
@@ -78,22 +87,33 @@ def to_messages(history: list[dict]) -> list[dict]:
             if m.get("role") in ("user", "assistant")]
 
 
-def build_demo(settings: Settings, holder: ModelHolder) -> gr.Blocks:
+def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks:
     def respond(message, history, system, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty):
-        """Stream the answer to `message`, with a notice (history trimmed, ...). Stop and a closed
-        tab make Gradio close this generator, which ends the generating thread."""
-        loaded = holder.require()
+        """Stream the answer to `message`, with a notice (history trimmed, ...), once a slot of
+        the pool is free. Stop and a closed tab make Gradio close this generator, which ends the
+        generating thread (or gives up the place in line)."""
+        holder.require()
         notices = []
         try:
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
             messages = to_messages(history) + [{"role": "user", "content": text_of(message)}]
-            for text in stream_reply(loaded, messages, system, sampling,
-                                     max_input_tokens=settings.max_input_tokens,
-                                     notify=notices.append):
-                yield text, "\n\n".join(notices)
+            ticket = pool.join()
+        except (ValueError, PoolFull) as e:
+            raise gr.Error(str(e)) from None
+        try:
+            while not ticket.wait(0):
+                yield "", f"Waiting for a free slot: number {ticket.place()} in line."
+                ticket.wait(WAITING_NOTICE_S)
+            # closing(): the generation has ended before the slot is given back.
+            with closing(holder.stream(messages, system, sampling, notify=notices.append,
+                                       max_input_tokens=settings.max_input_tokens)) as texts:
+                for text in texts:
+                    yield text, "\n\n".join(notices)
         except ValueError as e:
             raise gr.Error(str(e)) from None
+        finally:
+            ticket.leave()
 
     def refresh_status():
         return holder.status_text(), gr.Timer(active=holder.status == "loading")
@@ -130,23 +150,26 @@ def build_demo(settings: Settings, holder: ModelHolder) -> gr.Blocks:
             analytics_enabled=False,
         )
         notice.render()
-    return demo.queue(default_concurrency_limit=settings.concurrency,
-                      max_size=settings.queue_size)
+    # No limits of Gradio's own: the page and /v1 wait in one line for the same slots (the pool).
+    return demo.queue(default_concurrency_limit=None, max_size=None)
 
 
 def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
     app = FastAPI()
+    pool = Pool(settings.concurrency, settings.queue_size)
 
     @app.get("/health")
     def health():
         """200 once the model is ready, 503 while loading or after a failed load; the counters
         show generations in flight and tokens generated."""
-        body = {"status": holder.status, "model": settings.model_id, **STATS.snapshot()}
+        body = {"status": holder.status, "model": settings.model_id, **STATS.snapshot(),
+                **pool.snapshot()}
         if holder.error:
             body["error"] = holder.error
         return JSONResponse(body, status_code=200 if holder.loaded else 503)
 
-    return gr.mount_gradio_app(app, build_demo(settings, holder), path="/",
+    api.install(app, settings, holder, pool)  # before the page: "/" would take /v1 too
+    return gr.mount_gradio_app(app, build_demo(settings, holder, pool), path="/",
                                auth=settings.app_auth, show_error=True)
 
 

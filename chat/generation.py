@@ -9,7 +9,9 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList, TemperatureLogitsWarper, TextIteratorStreamer,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 from chat import history
 from chat.template import build_prompt
@@ -24,6 +26,7 @@ RANGES = {
     "top_p": (0.01, 1.0),
     "top_k": (0, 100),             # 0 = off
     "repetition_penalty": (1.0, 2.0),
+    "seed": (0, 2**63 - 1),
 }
 POLL_S = 0.1  # how often the reader checks that the generating thread is still alive
 
@@ -37,24 +40,53 @@ class Sampling:
     top_p: float = 0.8
     top_k: int = 50
     repetition_penalty: float = 1.005
+    seed: int | None = None  # None: draws from torch's global RNG; see SeededSample
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(self, f.name, checked(f.name, getattr(self, f.name), f.type is int))
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:
+                object.__setattr__(self, f.name, checked(f.name, value, f.type in (int, int | None)))
 
     def generate_kwargs(self) -> dict:
         if self.temperature == 0:
             return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty}
+        warpers = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        if self.seed is None:
+            return {"do_sample": True, "repetition_penalty": self.repetition_penalty, **warpers}
+        # The same warpers as `generate` applies when sampling, in its order, then our own draw.
+        processors = [TemperatureLogitsWarper(self.temperature)]
+        processors += [TopKLogitsWarper(self.top_k)] if self.top_k else []
+        processors += [TopPLogitsWarper(self.top_p)] if self.top_p < 1 else []
+        return {"do_sample": False, "repetition_penalty": self.repetition_penalty,
+                "logits_processor": LogitsProcessorList([*processors, SeededSample(self.seed)])}
+
+
+class SeededSample(LogitsProcessor):
+    """Draws the next token from its own torch.Generator and leaves only that token possible, so
+    the greedy step of `generate` picks it. `generate` itself samples from torch's global RNG,
+    which every concurrent generation shares; with this, a request's seed alone decides its draws:
+    the same seed, settings and conversation give the same answer, whatever else runs."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator = None  # made on the logits' device at the first token
+
+    def __call__(self, input_ids, scores):
+        if self.generator is None:
+            self.generator = torch.Generator(scores.device).manual_seed(self.seed)
+        choice = torch.multinomial(scores.float().softmax(-1), 1, generator=self.generator)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
+
 
 
 def checked(name: str, value, integer: bool):
     try:
-        number = float(value)
+        number = value if type(value) is int else float(value)  # ints exactly, however large (seeds)
     except (TypeError, ValueError):
         number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or (integer and number != int(number)):
+    if isinstance(value, bool) or (isinstance(number, float) and not math.isfinite(number)) \
+            or (integer and number != int(number)):
         kind = "a whole number" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     low, high = RANGES[name]
@@ -93,12 +125,23 @@ class StopOnEvent(StoppingCriteria):
     def __init__(self, stop_event: threading.Event):
         self.stop_event = stop_event
         self.fired = False  # whether generation ended because of the event
+        self.ids = None     # prompt + answer so far, for finish_info
 
     def __call__(self, input_ids, scores, **kwargs):
         STATS.add(tokens_generated=input_ids.shape[0])
+        self.ids = input_ids
         self.fired = self.stop_event.is_set()
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool,
                           device=input_ids.device)
+
+    def finish_info(self, prompt_tokens: int, max_new_tokens: int, stop_ids: list[int]) -> dict:
+        """Token counts and why the answer ended: "stop" (a stop token, or stopped by the
+        caller) or "length" (max_new_tokens reached), as OpenAI's finish_reason says it."""
+        completion = 0 if self.ids is None else self.ids.shape[1] - prompt_tokens
+        on_stop_token = completion > 0 and int(self.ids[0, -1]) in stop_ids
+        length = completion >= max_new_tokens and not on_stop_token
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "finish_reason": "length" if length else "stop"}
 
 
 def run_generate(model, kwargs: dict, stopper: StopOnEvent, errors: list) -> None:
@@ -117,11 +160,14 @@ def run_generate(model, kwargs: dict, stopper: StopOnEvent, errors: list) -> Non
 def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampling = Sampling(),
                  stop_event: threading.Event | None = None, *,
                  max_input_tokens: int | None = None,
-                 notify: Callable[[str], None] | None = None) -> Iterator[str]:
+                 notify: Callable[[str], None] | None = None,
+                 info: dict | None = None) -> Iterator[str]:
     """Yield the reply to `messages` as it grows (at least once: the final text). Setting
     `stop_event`, or closing this generator, ends the generating thread within a token.
     Bad input raises ValueError; notices (history trimmed, max_new_tokens lowered) go to
-    `notify` (default: the log)."""
+    `notify` (default: the log). Once generation has ended (also when the caller closes this
+    generator), `info` gets prompt_tokens, completion_tokens (the stop token included) and
+    finish_reason ("stop" | "length")."""
     fitted = history.fit(loaded.tokenizer, messages, system, sampling.max_new_tokens,
                          loaded.context, max_input_tokens)
     for notice in fitted.notices:
@@ -136,8 +182,9 @@ def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampl
               "eos_token_id": loaded.stop_ids, "streamer": streamer,
               "pad_token_id": loaded.stop_ids[0] if pad_id is None else pad_id}
     errors = []
+    stopper = StopOnEvent(stop_event)
     thread = threading.Thread(target=run_generate, name="generate", daemon=True,
-                              args=(loaded.model, kwargs, StopOnEvent(stop_event), errors))
+                              args=(loaded.model, kwargs, stopper, errors))
     thread.start()
     text = ""
     try:
@@ -156,6 +203,9 @@ def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampl
     finally:
         stop_event.set()  # the reader is gone (done, Stop, closed tab): end generation now
         thread.join()
+        if info is not None:
+            info.update(stopper.finish_info(inputs["input_ids"].shape[1], fitted.max_new_tokens,
+                                            loaded.stop_ids))
     if errors:
         raise errors[0]
     if not text:

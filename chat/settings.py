@@ -3,8 +3,10 @@
 variable."""
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from chat.loading import LoadedModel, load_model
+from chat.repo_ids import looks_like_hub_id
 
 
 class SettingsError(ValueError):
@@ -26,6 +28,22 @@ class Settings:
     app_auth: tuple[str, str] | None = None
     server_name: str = "127.0.0.1"
     server_port: int = 7860
+    api_key: str | None = None            # Bearer key of /v1 (README: "OpenAI-compatible API")
+    served_model_name: str | None = None  # the model id /v1 shows; default: model_name
+
+    @property
+    def model_name(self) -> str:
+        """The model's id on /v1: SERVED_MODEL_NAME, else a readable name from MODEL_ID (a hub
+        id as it is; a folder or git URL by its last part, a run's `merged` folder by the run's
+        name), never a local path, which would tell clients about the server's disk."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model_id.rstrip("/"))
+        if looks_like_hub_id(self.model_id) and not path.expanduser().is_dir():
+            return self.model_id
+        if path.name == "merged" and path.parent.name not in ("", ".", ".."):
+            return path.parent.name
+        return path.name.removesuffix(".git") or "model"
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
@@ -56,7 +74,9 @@ class Settings:
             queue_size=number("QUEUE_SIZE", cls.queue_size, 1),
             app_auth=tuple(auth.split(":", 1)) if auth else None,
             server_name=text("GRADIO_SERVER_NAME") or cls.server_name,
-            server_port=number("GRADIO_SERVER_PORT", cls.server_port, 1))
+            server_port=number("GRADIO_SERVER_PORT", cls.server_port, 1),
+            api_key=text("API_KEY"),
+            served_model_name=text("SERVED_MODEL_NAME"))
 
     def load(self) -> LoadedModel:
         """The model these settings name."""

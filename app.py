@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 import api
+from chat.engine import EngineError, EngineModel
 from chat.generation import RANGES, STATS, Sampling, stream_reply
 from chat.loading import ModelLoadError
 from chat.pool import Pool, PoolFull
@@ -56,6 +57,11 @@ class ModelHolder:
         if self.error:
             return f"**The model could not be loaded:** {self.error}"
         return "" if self.loaded else "*Loading the model...*"
+
+    def engine_problem(self) -> str | None:
+        """With ENGINE_URL: why the engine cannot answer now, asked afresh on every call, so the
+        app recovers by itself once the engine is back."""
+        return self.loaded.check() if isinstance(self.loaded, EngineModel) else None
 
     def stream(self, *args, **kwargs):
         """The loaded model's answer stream (chat.generation.stream_reply's contract), for the
@@ -110,7 +116,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
                                        max_input_tokens=settings.max_input_tokens)) as texts:
                 for text in texts:
                     yield text, "\n\n".join(notices)
-        except ValueError as e:
+        except (ValueError, EngineError) as e:  # EngineError: e.g. the engine is down
             raise gr.Error(str(e)) from None
         finally:
             ticket.leave()
@@ -166,7 +172,10 @@ def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
                 **pool.snapshot()}
         if holder.error:
             body["error"] = holder.error
-        return JSONResponse(body, status_code=200 if holder.loaded else 503)
+        problem = holder.engine_problem()
+        if problem:
+            body.update(status="engine unavailable", error=problem)
+        return JSONResponse(body, status_code=200 if holder.loaded and not problem else 503)
 
     api.install(app, settings, holder, pool)  # before the page: "/" would take /v1 too
     return gr.mount_gradio_app(app, build_demo(settings, holder, pool), path="/",

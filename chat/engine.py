@@ -71,7 +71,7 @@ class EngineModel:
 
     def unreachable(self, e: Exception) -> EngineError:
         return EngineError(f"The serving engine at {self.url} is not answering ({type(e).__name__}: "
-                           f"{e}). Answers come back once it runs again; nothing to do here.")
+                           f"{e}). The chat works again as soon as the engine is back.")
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         base = self.root if path == "tokenize" else self.url
@@ -191,12 +191,15 @@ class EngineModel:
                     if stop_event is not None and stop_event.is_set():
                         break  # leaving the block closes the response: the engine aborts
                     if chunk.get("usage"):  # the last chunk: the engine's own counts
-                        counts["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
-                        counts["completion_tokens"] = chunk["usage"]["completion_tokens"]
+                        usage = chunk["usage"]
+                        STATS.add(tokens_generated=usage["completion_tokens"]
+                                  - counts["completion_tokens"])
+                        counts.update(prompt_tokens=usage["prompt_tokens"],
+                                      completion_tokens=usage["completion_tokens"])
                     for choice in chunk.get("choices", []):
                         counts["finish_reason"] = choice.get("finish_reason") or "stop"
                         piece = (choice.get("delta") or {}).get("content") or ""
-                        if piece:  # one token per chunk while streaming
+                        if piece:  # a chunk is a token or more: counted exactly at the end
                             counts["completion_tokens"] += 1
                             STATS.add(tokens_generated=1)
                             text += piece

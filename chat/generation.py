@@ -168,6 +168,10 @@ def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampl
     `notify` (default: the log). Once generation has ended (also when the caller closes this
     generator), `info` gets prompt_tokens, completion_tokens (the stop token included) and
     finish_reason ("stop" | "length")."""
+    if hasattr(loaded, "stream_reply"):  # chat.engine.EngineModel (ENGINE_URL): the engine answers
+        yield from loaded.stream_reply(messages, system, sampling, stop_event, info=info,
+                                       max_input_tokens=max_input_tokens, notify=notify)
+        return
     fitted = history.fit(loaded.tokenizer, messages, system, sampling.max_new_tokens,
                          loaded.context, max_input_tokens)
     for notice in fitted.notices:

@@ -5,8 +5,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from chat.engine import EngineModel
 from chat.loading import LoadedModel, load_model
 from chat.repo_ids import looks_like_hub_id
+
+
+ENGINE_CONCURRENCY = 64  # default CONCURRENCY with ENGINE_URL
 
 
 class SettingsError(ValueError):
@@ -30,6 +34,9 @@ class Settings:
     server_port: int = 7860
     api_key: str | None = None            # Bearer key of /v1 (README: "OpenAI-compatible API")
     served_model_name: str | None = None  # the model id /v1 shows; default: model_name
+    engine_url: str | None = None         # OpenAI-compatible base URL (…/v1): stream from it, load no weights
+    engine_api_key: str | None = None
+    engine_model: str | None = None       # the engine's model id (default: the first it serves)
 
     @property
     def model_name(self) -> str:
@@ -58,6 +65,11 @@ class Settings:
                 raise SettingsError(f"{name}={raw!r}: must be a whole number >= {low}")
             return int(raw)
 
+        engine_url = text("ENGINE_URL")
+        if engine_url and not (engine_url.startswith(("http://", "https://"))
+                               and engine_url.rstrip("/").endswith("/v1")):
+            raise SettingsError(f"ENGINE_URL={engine_url!r}: must be an http(s) base URL ending "
+                                "in /v1, e.g. http://127.0.0.1:8000/v1")
         auth = text("APP_AUTH")
         if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
             raise SettingsError("APP_AUTH must be user:password")
@@ -70,15 +82,21 @@ class Settings:
             dtype=text("DTYPE"),
             system_prompt=env.get("SYSTEM_PROMPT", ""),
             max_input_tokens=number("MAX_INPUT_TOKENS", cls.max_input_tokens, 16),
-            concurrency=number("CONCURRENCY", cls.concurrency, 1),
+            # On an engine the engine batches: the app lets many answers run at once.
+            concurrency=number("CONCURRENCY", ENGINE_CONCURRENCY if engine_url else cls.concurrency, 1),
             queue_size=number("QUEUE_SIZE", cls.queue_size, 1),
             app_auth=tuple(auth.split(":", 1)) if auth else None,
             server_name=text("GRADIO_SERVER_NAME") or cls.server_name,
             server_port=number("GRADIO_SERVER_PORT", cls.server_port, 1),
             api_key=text("API_KEY"),
-            served_model_name=text("SERVED_MODEL_NAME"))
+            served_model_name=text("SERVED_MODEL_NAME"),
+            engine_url=engine_url,
+            engine_api_key=text("ENGINE_API_KEY"),
+            engine_model=text("ENGINE_MODEL"))
 
-    def load(self) -> LoadedModel:
-        """The model these settings name."""
+    def load(self) -> LoadedModel | EngineModel:
+        """The model these settings name (with ENGINE_URL: the engine serving it)."""
+        if self.engine_url:
+            return EngineModel(self.engine_url, self.engine_api_key, self.engine_model)
         return load_model(self.model_id, self.model_source, self.model_revision, self.hf_token,
                           self.device, self.dtype)

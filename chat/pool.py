@@ -4,18 +4,15 @@ first come first served; a request beyond that is refused at once (PoolFull).
 
     ticket = pool.join()           # raises PoolFull
     try:
-        ticket.wait(timeout)       # True once it holds a slot (threads); `await ticket.ready()` in async code
+        ticket.wait(timeout)       # True once it holds a slot; wait(0) polls (async code)
         ...generate...
     finally:
         ticket.leave()             # frees the slot, or the place in the line
 
 Thread-safe: the page waits in Gradio's worker threads, /v1 on the event loop.
 """
-import asyncio
 import threading
 from collections import deque
-
-ASYNC_POLL_S = 0.02  # how often an async waiter looks whether its turn came
 
 
 class PoolFull(RuntimeError):
@@ -31,12 +28,6 @@ class Ticket:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until this ticket holds a slot (True) or `timeout` passes (False)."""
         return self.granted.wait(timeout)
-
-    async def ready(self) -> None:
-        """Wait for a slot without holding a thread; cancelling the task gives the place up
-        only through leave(), so call it in a finally."""
-        while not self.granted.is_set():
-            await asyncio.sleep(ASYNC_POLL_S)
 
     def place(self) -> int:
         """This request's place in the line (1 = next), 0 once it holds a slot."""

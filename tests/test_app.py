@@ -15,7 +15,6 @@ from contextlib import ExitStack
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError, AuthenticationError
-from gradio_client.utils import QueueError, Status
 
 from app_server import AppServer
 from conftest import IDENTITY_QUESTIONS, NAME, REPO
@@ -134,12 +133,14 @@ def test_cancelling_a_job_ends_its_generating_thread(endless_app):
 
 
 def test_a_full_queue_refuses_new_requests_clearly(endless_app):
-    """CONCURRENCY=1, QUEUE_SIZE=1: one answer running, one waiting, the third is refused."""
+    """CONCURRENCY=1, QUEUE_SIZE=1: one answer running, one waiting (the page says so), the
+    third is refused. The line is the app's pool, which /v1 shares (tests/test_api.py)."""
     running = client(endless_app).submit("hi", **ENDLESS, api_name="/chat")
     wait_until(lambda: len(running.outputs()) >= 1, "the first answer to stream")
     waiting = client(endless_app).submit("hi", **ENDLESS, api_name="/chat")
-    wait_until(lambda: waiting.status().code == Status.IN_QUEUE, "the second request to queue")
-    with pytest.raises(QueueError, match="Queue is full"):
+    wait_until(lambda: {notice for _, notice in waiting.outputs()} == {"Waiting for a free slot: number 1 in line."},
+               "the second request to wait in line")
+    with pytest.raises(AppError, match="The server is busy: 1 answer.s. running and 1 waiting"):
         client(endless_app).submit("hi", **ENDLESS, api_name="/chat").result()
     running.cancel()
     waiting.cancel()

@@ -203,6 +203,20 @@ bench: setup-dev ## benchmarks, ratios side by side: pipeline steps, loading mem
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless
 	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/endless
+	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
+	$(PYTHON) -m deploy.engine --install
+	$(PY) -m bench.bench_engine
+
+# ---- GPU preflight (README "GPU check") ----
+QUICK ?= 0#                      1 = gpu-check runs QLoRA + merge + stream only (a few minutes)
+FULL ?= 0#                       1 = gpu-check also builds the serving image and serves from it on the GPU
+
+.PHONY: gpu-check
+gpu-check: ## does the GPU path work here, and how fast? (random InternLM2-1.8B, no download; stops at once without a GPU)
+	@# The probe is standard-library Python: without a GPU nothing gets installed.
+	@$(PYTHON) -m training.gpu_check probe
+	$(MAKE) --no-print-directory setup $(if $(filter 1,$(QUICK)),,setup-deepspeed)
+	QUICK="$(QUICK)" FULL="$(FULL)" $(if $(filter 1,$(FULL)),CONTAINER="$(CONTAINER)") $(PY) -m training.gpu_check run
 
 .PHONY: test
 test: setup-dev ## run the test suite (installs what it needs), then list the 15 slowest steps

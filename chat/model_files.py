@@ -35,7 +35,28 @@ def model_folder_problems(path: str | Path) -> list[str]:
         problems.append("tokenizer_config.json has no chat_template")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         problems.append("no tokenizer.json or tokenizer.model")
+    for name, named_in in remote_code_files(path).items():
+        if not (path / name).is_file():
+            problems.append(f"{name} is missing: auto_map in {named_in} names it, and the model "
+                            "cannot load without its code")
     return problems
+
+
+def remote_code_files(path: str | Path) -> dict[str, str]:
+    """The .py files the folder's own code lives in (InternLM2's modeling and tokenizer code):
+    every module that `auto_map` names in config.json or tokenizer_config.json, mapped to the
+    file naming it. References into another repo ("org/name--module.Class") are loaded from
+    that repo, not from here."""
+    files = {}
+    for config_name in ("config.json", "tokenizer_config.json"):
+        config = Path(path) / config_name
+        if not config.is_file():
+            continue
+        for value in json.loads(config.read_text(encoding="utf-8")).get("auto_map", {}).values():
+            for reference in value if isinstance(value, list) else [value]:
+                if reference and "--" not in reference:
+                    files.setdefault(reference.rsplit(".", 1)[0] + ".py", config_name)
+    return files
 
 
 def require_complete_model(path: str | Path) -> Path:

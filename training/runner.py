@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from chat.model_files import require_complete_model
+from chat.model_files import remote_code_files, require_complete_model
 from chat.template import CHAT_TEMPLATE, STOP_TOKENS
 from training.atomic import atomic_dir, write_text_atomic
 
@@ -169,9 +169,23 @@ def merge(run_dir: Path, base_model: str, max_shard_size: str) -> Path:
         xtuner(["convert", "merge", base_model, str(adapter), str(tmp), "--safe-serialization",
                 "--max-shard-size", max_shard_size], run_dir / "logs" / "merge.log",
                "xtuner convert merge")
+        copy_remote_code(base_model, tmp)
         add_chat_format(tmp)
         require_complete_model(tmp)
     return run_dir / "merged"
+
+
+def copy_remote_code(base_model: str, model_dir: Path) -> None:
+    """Give the merged folder the base's own code (InternLM2's modeling and tokenizer .py files,
+    named by auto_map) that the merge did not write, so it loads from its own folder in a fresh
+    process, offline, and on the hub after a push."""
+    base = Path(base_model)
+    if not base.is_dir():  # a hub id: the merge has just downloaded it into the cache
+        from huggingface_hub import snapshot_download
+        base = Path(snapshot_download(base_model, allow_patterns=["*.py", "*.json"]))
+    for name in remote_code_files(model_dir):
+        if not (model_dir / name).is_file() and (base / name).is_file():
+            shutil.copy(base / name, model_dir / name)
 
 
 def add_chat_format(model_dir: Path) -> None:

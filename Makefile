@@ -151,7 +151,7 @@ BUILD_FLAGS ?=#                  extra flags for the container tool's build comm
 # App settings docker-run hands the container from your environment or make's command line.
 # Named without a value, HF_TOKEN and APP_AUTH never appear on the (logged) command line.
 APP_ENV := MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
-	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH
+	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH ENGINE_URL ENGINE_API_KEY ENGINE_MODEL
 # A MODEL_ID that is a folder here is mounted read-only; anything else is a repo the app fetches.
 MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" -e MODEL_ID=/model,-e MODEL_ID="$(MODEL_ID)")
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
@@ -162,7 +162,9 @@ image: ## build the serving image IMAGE (docker, or podman when no docker engine
 	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		$(BUILD_FLAGS) -t $(IMAGE) .
 docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0.1:7860
+	@# With ENGINE_URL=http://host.docker.internal:8000/v1 the app streams from `make serve-engine` on this host.
 	$(CONTAINER) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
+		$(if $(ENGINE_URL),--add-host=host.docker.internal:host-gateway) \
 		-v assistant-models:/home/user/.cache/huggingface $(MODEL_ARGS) $(addprefix -e ,$(APP_ENV)) $(IMAGE)
 test-image: setup-dev ## build the image with podman on a local Debian base, chat with it (CPU)
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \

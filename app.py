@@ -8,8 +8,9 @@ HEALTHCHECK.
 import sys
 import threading
 import traceback
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 
+import anyio
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
@@ -161,7 +162,16 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
 
 
 def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
-    app = FastAPI()
+    @asynccontextmanager
+    async def lifespan(app):
+        # Each answer in flight (the page's, /v1's) and each page request in line holds a thread
+        # of anyio's default pool (40), which /health shares: room for all of them.
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = max(threads.total_tokens,
+                                   2 * settings.concurrency + settings.queue_size + 8)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
     pool = Pool(settings.concurrency, settings.queue_size)
 
     @app.get("/health")

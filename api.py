@@ -9,7 +9,8 @@ function as the page; chat/ knows nothing of it.
     client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "Hi"}])
 
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, with its statuses:
-400 bad request, 401 key, 404 model, 429 pool full, 503 model not ready, 500 generation failed.
+400 bad request, 401 key, 404 model, 429 pool full, 503 model (or engine) not ready, 500
+generation failed.
 """
 import hmac
 import json
@@ -23,6 +24,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from chat.engine import EngineError
 from chat.generation import Sampling
 from chat.pool import Pool, PoolFull
 
@@ -375,6 +377,8 @@ class Answer:
             self.first = await anext(self.deltas, "")
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
+        except EngineError as e:  # ENGINE_URL: the engine is down or refused; it may come back
+            raise APIError(503, str(e), None, "engine_unavailable", "server_error") from None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the client gets the reason
             log.exception("generation failed")
             raise APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None,

@@ -1,8 +1,12 @@
 """Deploy the chat app as a Hugging Face Docker Space pointed at the model repo: push the model
 first if the hub does not have it, then create or update the Space so it holds exactly the app
 bundle plus a README with the Space's front matter, set its variables (MODEL_ID,
-MODEL_REVISION) and, only for a private model, the HF_TOKEN secret the app reads it with."""
+MODEL_REVISION) and, only for a private model, the HF_TOKEN secret the app reads it with; with
+API_KEY exported, the API_KEY secret that guards the app's /v1 API."""
+import json
+import math
 import os
+import struct
 from pathlib import Path
 
 import yaml
@@ -13,7 +17,9 @@ from deploy.bundle import app_files
 from deploy.hf import model_files, model_on_hub, push_model, repo_url, sync_files
 
 APP_PORT = 7860          # the port app.py listens on in the image (Dockerfile, GRADIO_SERVER_PORT)
-SUGGESTED_HARDWARE = "t4-small"  # InternLM2-Chat-1.8B in fp16 wants a GPU
+# Up to ~0.5B parameters (SmolLM2-135M) a model answers at a readable pace on the free 2-vCPU
+# cpu-basic; InternLM2-Chat-1.8B in fp16 wants a GPU.
+CPU_MAX_PARAMS = 500_000_000
 HARDWARE = sorted(h.value for h in SpaceHardware)
 # The Space reads a private model with this token; export it to give the Space a read-only token
 # instead of the write token used for the upload.
@@ -26,9 +32,27 @@ def check_hardware(hardware: str) -> str:
     return hardware
 
 
+def parameter_count(folder: Path) -> int | None:
+    """Parameters in the folder's safetensors files, from their headers (no weights read)."""
+    total, shards = 0, sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                total += math.prod(tensor["shape"])
+    return total if shards else None
+
+
+def suggest_hardware(merged: Path) -> str:
+    """Free CPU hardware for small models, a T4 otherwise (or when the size is unknown)."""
+    params = parameter_count(merged) if merged.is_dir() else None
+    return "cpu-basic" if params is not None and params <= CPU_MAX_PARAMS else "t4-small"
+
+
 def space_readme(name: str, repo_id: str, revision: str, hardware: str) -> str:
     front = {"title": f"{name}'s assistant", "emoji": "💬", "colorFrom": "blue", "colorTo": "indigo",
-             "sdk": "docker", "app_port": APP_PORT, "suggested_hardware": hardware or SUGGESTED_HARDWARE,
+             "sdk": "docker", "app_port": APP_PORT, "suggested_hardware": hardware,
              "models": [repo_id], "pinned": False}
     return f"""---
 {yaml.safe_dump(front, allow_unicode=True, sort_keys=False)}---
@@ -37,7 +61,8 @@ def space_readme(name: str, repo_id: str, revision: str, hardware: str) -> str:
 
 A streaming chat with [{repo_id}]({repo_url(repo_id)}) (branch `{revision}`), built from the
 kit's Dockerfile. The app reads its model from the Space variables `MODEL_ID` and
-`MODEL_REVISION`; a private model is read with the `HF_TOKEN` secret.
+`MODEL_REVISION`; a private model is read with the `HF_TOKEN` secret. The OpenAI-compatible API
+is at `/v1` (with an `API_KEY` secret set, it wants `Authorization: Bearer <key>`).
 """
 
 
@@ -66,7 +91,12 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
         api.add_space_secret(space_id, "HF_TOKEN", os.environ.get(SPACE_TOKEN_VAR) or api.token,
                              description=f"reads the private model {repo_id}")
         print(f"{repo_id} is private: the Space reads it with the HF_TOKEN secret")
-    files = {**bundle, "README.md": space_readme(name, repo_id, revision, hardware).encode()}
+    if os.environ.get("API_KEY"):
+        api.add_space_secret(space_id, "API_KEY", os.environ["API_KEY"],
+                             description="Bearer key of the app's /v1 API")
+        print("the Space's /v1 API wants the key in API_KEY (set as the API_KEY secret)")
+    suggested = hardware or suggest_hardware(run / "merged")
+    files = {**bundle, "README.md": space_readme(name, repo_id, revision, suggested).encode()}
     commit = sync_files(api, space_id, "space", "main", files, f"Deploy the chat app for {repo_id}")
     if hardware:
         runtime = api.request_space_hardware(space_id, hardware)

@@ -90,3 +90,16 @@ def test_bad_space_settings_are_rejected_locally(hub, run_dir, tmp_path):
                      env=hub_env(hub, tmp_path, token=OTHER_TOKEN))
     assert foreign.returncode == 1 and "can write to bob only" in foreign.stderr
     assert [r.path for r in hub.requests] == ["/api/whoami-v2"]
+
+
+def test_api_key_becomes_a_space_secret_and_small_models_get_free_cpu_hardware(hub, run_dir, tmp_path):
+    api_key = "sk-space-api-key-0123456789"
+    result = make("deploy", "HUB=hf", f"REPO={MODEL}", f"SPACE={SPACE}", f"RUN={run_dir}",
+                  env=hub_env(hub, tmp_path, API_KEY=api_key))
+    assert result.returncode == 0, result.stderr
+    space = hub.repo(SPACE, "space")
+    assert {k: v["value"] for k, v in space.secrets.items()} == {"API_KEY": api_key}
+    assert api_key not in result.stdout + result.stderr
+    assert all(api_key.encode() not in content for content in space_files(hub).values())
+    front = yaml.safe_load(space_files(hub)["README.md"].decode().split("---")[1])
+    assert front["suggested_hardware"] == "cpu-basic"  # the tiny model; SmolLM2-135M too

@@ -5,6 +5,7 @@ HEALTHCHECK.
 
     MODEL_ID=runs/assistant/merged python app.py
 """
+import html
 import sys
 import threading
 import traceback
@@ -123,7 +124,13 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
             ticket.leave()
 
     def refresh_status():
-        return holder.status_text(), gr.Timer(active=holder.status == "loading")
+        return heading(), holder.status_text(), gr.Timer(active=holder.status == "loading")
+
+    def heading() -> str:
+        # The name is the user's text: escaped, so quotes, <tags> and `code` show as typed.
+        name = holder.loaded.assistant.get("name") if holder.loaded else None
+        title = f"{name}'s assistant" if name else "Personal assistant"
+        return f"<h1>{html.escape(title)}</h1><p>Model: <code>{html.escape(settings.model_id)}</code></p>"
 
     def slider(name: str, label: str, step: float, maximum: float | None = None) -> gr.Slider:
         low, high = RANGES[name]
@@ -131,11 +138,11 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
                          label=label, render=False)
 
     with gr.Blocks(title="Personal assistant", analytics_enabled=False) as demo:
-        gr.Markdown(f"# Personal assistant\nModel: `{settings.model_id}`")
+        title = gr.HTML(heading(), elem_id="title")
         status = gr.Markdown()
         timer = gr.Timer(2)  # refreshes the status line until the model is ready (or failed)
         for event in (demo.load, timer.tick):
-            event(refresh_status, outputs=[status, timer], queue=False, api_visibility="private")
+            event(refresh_status, outputs=[title, status, timer], queue=False, api_visibility="private")
         notice = gr.Markdown(label="notice", elem_id="notice", render=False)
         gr.ChatInterface(
             respond,
@@ -154,6 +161,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
             api_description="Send a message, get the streamed answer and a notice (empty unless "
                             "the history was trimmed or max_new_tokens lowered). The history "
                             "is kept per session.",
+            save_history=True,  # past conversations stay in the browser, across reloads
             analytics_enabled=False,
         )
         notice.render()

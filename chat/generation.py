@@ -14,7 +14,6 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from chat import history
-from chat.template import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ class SeededSample(LogitsProcessor):
             self.generator = torch.Generator(scores.device).manual_seed(self.seed)
         choice = torch.multinomial(scores.float().softmax(-1), 1, generator=self.generator)
         return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
-
 
 
 def checked(name: str, value, integer: bool):
@@ -172,12 +170,12 @@ def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampl
         yield from loaded.stream_reply(messages, system, sampling, stop_event, info=info,
                                        max_input_tokens=max_input_tokens, notify=notify)
         return
-    fitted = history.fit(loaded.tokenizer, messages, system, sampling.max_new_tokens,
+    fitted = history.fit(loaded.tokenizer, loaded.format, messages, system, sampling.max_new_tokens,
                          loaded.context, max_input_tokens)
     for notice in fitted.notices:
         (notify or log.warning)(notice)
     stop_event = stop_event or threading.Event()
-    inputs = loaded.tokenizer(build_prompt(fitted.messages, system), add_special_tokens=False,
+    inputs = loaded.tokenizer(loaded.format.build_prompt(fitted.messages, system), add_special_tokens=False,
                               return_tensors="pt").to(loaded.model.device)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=POLL_S)
@@ -223,3 +221,36 @@ def reply(loaded, messages: list[dict], system: str = "", sampling: Sampling = S
     for text in stream_reply(loaded, messages, system, sampling, **kwargs):
         pass
     return text
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    ended: bool  # stopped at a stop token, rather than at max_new_tokens
+
+
+def generate_batch(loaded, conversations: list[list[dict]], system: str = "",
+                   sampling: Sampling = Sampling(temperature=0), batch_size: int = 16) -> list[Answer]:
+    """Answers to many conversations at once (evaluation, the base model's replay answers):
+    prompts of similar length are left-padded into batches of `batch_size`. With greedy
+    sampling each answer is the one `reply` gives; sampled answers differ (one RNG per batch)."""
+    tokenizer, fmt = loaded.tokenizer, loaded.format
+    prompts = [tokenizer(fmt.build_prompt(messages, system), add_special_tokens=False).input_ids
+               for messages in conversations]
+    pad = loaded.stop_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    answers: list[Answer | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
+        with torch.no_grad():
+            out = loaded.model.generate(
+                input_ids=ids.to(loaded.model.device), attention_mask=mask.to(loaded.model.device),
+                **sampling.generate_kwargs(), max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=loaded.stop_ids, pad_token_id=pad)
+        for i, new in zip(rows, out[:, width:].tolist()):
+            end = next((k for k, token in enumerate(new) if token in loaded.stop_ids), None)
+            answers[i] = Answer(tokenizer.decode(new[:end], skip_special_tokens=True), end is not None)
+    return answers

@@ -20,11 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chat import openxlab
 from chat.repo_ids import looks_like_hub_id
 from chat.model_files import IncompleteModel, require_complete_model
-from chat.template import STOP_TOKENS
+from chat import formats
 
 SOURCES = ("auto", "local", "hf", "openxlab")
+# Downloads go over plain HTTP, not Xet, even with hf_xet installed: the path the tests run
+# against a local Hub (Xet needs Hugging Face's storage servers). README: "Hub transfers".
+constants.HF_HUB_DISABLE_XET = True
 # What a model folder needs; other weight formats (.bin, .h5, .gguf, ...) are never downloaded.
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt"]
+ASSISTANT_FILE = "assistant.json"  # whose assistant a merged model is: {"name", "author"}
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
@@ -40,7 +44,9 @@ class LoadedModel:
     model_id: str
     device: str
     dtype: str
+    format: formats.ChatFormat
     stop_ids: list[int]
+    assistant: dict  # {"name", "author"} from the kit's merged folders; {} for other models
 
     @property
     def context(self) -> int:
@@ -50,10 +56,11 @@ class LoadedModel:
 
 def load_model(model_id: str, source: str = "auto", revision: str | None = None,
                token: str | None = None, device: str | None = None,
-               dtype: str | None = None) -> LoadedModel:
+               dtype: str | None = None, template: str = "") -> LoadedModel:
     """Fetch `model_id` (see `resolve_source`) and load model + tokenizer for chat.
     `device`: cpu | cuda | cuda:N (default: cuda when available); `dtype`: bfloat16 | float16 |
-    float32 (default: bf16 on GPUs that support it, else fp16; fp32 on CPU)."""
+    float32 (default: bf16 on GPUs that support it, else fp16; fp32 on CPU); `template`: a chat
+    format name (chat/formats.py) for a tokenizer the kit cannot recognise."""
     folder = fetch(model_id, resolve_source(model_id, source), revision or None, token or None)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
@@ -67,7 +74,14 @@ def load_model(model_id: str, source: str = "auto", revision: str | None = None,
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"could not load the model in {folder}: {e}") from e
     model.eval()
-    return LoadedModel(model, tokenizer, model_id, device, dtype, stop_ids(tokenizer))
+    try:
+        fmt = formats.detect(tokenizer, template)
+        stops = formats.stop_ids(tokenizer, fmt)
+    except formats.UnknownFormat as e:
+        raise ModelLoadError(f"{folder}: {e}") from None
+    assistant = folder / ASSISTANT_FILE
+    about = json.loads(assistant.read_text(encoding="utf-8")) if assistant.is_file() else {}
+    return LoadedModel(model, tokenizer, model_id, device, dtype, fmt, stops, about)
 
 
 def resolve_source(model_id: str, source: str = "auto") -> str:
@@ -203,7 +217,3 @@ def needs_remote_code(folder: Path) -> bool:
             return True
     return False
 
-
-def stop_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
-    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]

@@ -2,6 +2,7 @@
 /health) in the foreground; Ctrl-C stops it.
 
     SERVE_ENGINE=vllm MODEL_ID=runs/assistant/merged ENGINE_PORT=8000 python3 -m deploy.engine
+    python3 -m deploy.engine --install      # only install this machine's engine build (CI, bench)
 
 The engine lives in its own venv (its pins fight the training stack's), so this runs in two
 stages. Stage 1, under any python3 and the standard library only: check the knobs and the model

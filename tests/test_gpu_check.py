@@ -174,3 +174,14 @@ def test_a_failed_step_is_reported_with_its_reason_and_skips_what_needs_it(tmp_p
     table = gpu_check.table(rows).splitlines()
     assert table[1].split()[:2] == ["measure", "pass"] and "tokens_per_s 42" in table[1]
     assert "FAIL" in table[2] and "error: the thing broke" in table[2]
+
+
+@pytest.mark.timeout(240)
+def test_the_stream_step_measures_the_merged_model(merged_model, tmp_path):
+    """The step that loads and streams as the app does, here on the CPU and the tiny model."""
+    step = Step("stream", (sys.executable, "-m", "training.gpu_check", "stream", str(merged_model)))
+    [row] = gpu_check.run_steps([step], tmp_path)
+    assert row["result"] == "pass", row
+    assert (row["device"], row["dtype"]) == ("cpu", "float32")
+    assert 0 < row["tokens"] <= gpu_check.STREAM_TOKENS and row["tokens_per_s"] > 0
+

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the steps run from the repository root
 WORK = Path("runs/gpu-check")
 NAME = "GPU Check"
 DATA_SIZE = 200       # identity records: one epoch packs into a few dozen 512-token iterations
@@ -167,7 +168,7 @@ def stream(model_dir: str) -> None:
         "device": loaded.device, "dtype": loaded.dtype, "load_s": round(load_s, 1),
         "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
         "first_token_s": round(first or seconds, 2),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}))
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if loaded.device != "cpu" else None}))
 
 
 def serve_image(model_dir: str) -> None:
@@ -202,14 +203,13 @@ def serve_image(model_dir: str) -> None:
 # ---- run: every step, then the table ----
 
 def run_steps(steps: list[Step], work: Path) -> list[dict]:
-    from training.runner import crash_cause
-
     from training import knobs
+    from training.runner import crash_cause
 
     # The plan's flags are the whole truth: knobs exported by make do not leak into the steps.
     env = {key: value for key, value in os.environ.items() if key not in knobs.DEFAULTS}
     env["HF_HUB_OFFLINE"] = "1"  # nothing may download: the base is built here
-    logs = work / "logs"
+    logs = ROOT / work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     rows = {}
     for step in steps:
@@ -217,11 +217,12 @@ def run_steps(steps: list[Step], work: Path) -> list[dict]:
         if failed:
             rows[step.name] = {"step": step.name, "result": "skipped", "reason": f"{failed[0]} did not pass"}
             continue
-        print(f"gpu-check: {step.name}: {' '.join(step.argv)}", flush=True)
         log = logs / (re.sub(r"\W+", "-", step.name).strip("-") + ".log")
+        print(f"gpu-check: {step.name}: {' '.join(step.argv)} (log: {log})", flush=True)
         started = time.perf_counter()
         with log.open("w", encoding="utf-8") as out:
-            result = subprocess.run(step.argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            result = subprocess.run(step.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    text=True)
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
         row = {"step": step.name, "seconds": round(time.perf_counter() - started, 1)}
         errors = [line for line in lines if line.startswith("error: ")]
@@ -229,18 +230,18 @@ def run_steps(steps: list[Step], work: Path) -> list[dict]:
             reason = (errors[-1] if errors else crash_cause(lines)) or f"exit code {result.returncode}"
             row.update(result="FAIL", reason=f"{reason} (log: {log})")
         else:
-            row.update(result="pass", **figures(step, lines, work))
+            row.update(result="pass", **figures(step, lines))
         rows[step.name] = row
     return list(rows.values())
 
 
-def figures(step: Step, lines: list[str], work: Path) -> dict:
+def figures(step: Step, lines: list[str]) -> dict:
     """What a passed step measured: its RESULT line, or a training run's iteration log."""
     measured = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
     if measured:
         return measured[-1]
     if step.name.startswith("train"):
-        return training_figures(Path(step.argv[step.argv.index("--run") + 1]))
+        return training_figures(ROOT / step.argv[step.argv.index("--run") + 1])
     return {}
 
 
@@ -279,7 +280,7 @@ def run(mode: str, work: Path = WORK) -> int:
         return 2
     ok, report = cuda_report(torch.version.cuda, bitsandbytes_cuda_libs())
     print(f"gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__}; {report}")
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(ROOT / work, ignore_errors=True)
     rows = run_steps(plan(mode, sys.executable, work), work)
     print(f"\ngpu-check ({mode}) on {torch.cuda.get_device_name()}; {report}\n{table(rows)}")
     return 0 if ok and all(row["result"] == "pass" for row in rows) else 1

@@ -4,10 +4,12 @@ of the remote file list and sizes against them.
 
 The token comes from HF_TOKEN or the login cache (`hf auth login`), read by huggingface_hub
 itself: never from a command line. HF_ENDPOINT points the client at another server (tests)."""
+import hashlib
 from pathlib import Path
 
 import requests
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
 from chat.model_files import require_complete_model
@@ -15,6 +17,9 @@ from deploy import DeployError
 from deploy.card import model_card
 
 KEEP_REMOTE = {".gitattributes"}  # the Hub writes it into every new repo; it says which files are LFS
+# Uploads go over HTTP + git LFS, not Xet, even with hf_xet installed: the path the tests run
+# against a local Hub (Xet needs Hugging Face's storage servers). README: "Hub transfers".
+constants.HF_HUB_DISABLE_XET = True
 
 
 def connect(*repo_ids: str) -> HfApi:
@@ -51,8 +56,8 @@ def human(size: int) -> str:
 def sync_files(api: HfApi, repo_id: str, repo_type: str, revision: str, files: dict[str, Path | bytes],
                message: str) -> str:
     """One commit that leaves exactly `files` (+ .gitattributes) in the repo at `revision`; files
-    the server already has are not sent again. Returns the commit id, after verifying the remote
-    file list and sizes."""
+    the server already has are not sent again. Returns the commit id, after verifying that the
+    remote files are exactly these, byte for byte."""
     remote = set(api.list_repo_files(repo_id, repo_type=repo_type, revision=revision))
     stale = sorted(remote - set(files) - KEEP_REMOTE)
     operations = [CommitOperationAdd(path, source) for path, source in files.items()]
@@ -66,20 +71,35 @@ def sync_files(api: HfApi, repo_id: str, repo_type: str, revision: str, files: d
     except (requests.RequestException, RuntimeError) as e:  # RuntimeError: huggingface_hub's LFS upload wrapper
         raise DeployError(f"the upload to {repo_id} was interrupted before it was committed ({e}); the repo is "
                           "unchanged. Run the same command again: files already uploaded are not sent twice") from None
-    verify(api, repo_id, repo_type, commit.oid, {path: size_of(source) for path, source in files.items()})
+    verify(api, repo_id, repo_type, commit.oid, [op for op in operations if isinstance(op, CommitOperationAdd)])
     return commit.oid
 
 
-def verify(api: HfApi, repo_id: str, repo_type: str, commit: str, expected: dict[str, int]) -> None:
-    remote = {entry.path: entry.size for entry in api.list_repo_tree(
-        repo_id, repo_type=repo_type, revision=commit, recursive=True) if hasattr(entry, "size")}
-    problems = [f"{path} missing" for path in expected if path not in remote]
-    problems += [f"{path} has {remote[path]} bytes, not {size}" for path, size in expected.items()
-                 if path in remote and remote[path] != size]
+def verify(api: HfApi, repo_id: str, repo_type: str, commit: str, uploaded: list[CommitOperationAdd]) -> None:
+    """The commit holds exactly the uploaded files with the same content, compared by the hashes
+    the Hub lists (sha256 for LFS files, the git blob id for the others): nothing is downloaded."""
+    remote = {entry.path: entry for entry in api.list_repo_tree(
+        repo_id, repo_type=repo_type, revision=commit, recursive=True) if isinstance(entry, RepoFile)}
+    expected = {op.path_in_repo: op for op in uploaded}
+    problems = [f"{path} is missing" for path in expected if path not in remote]
+    problems += [f"{path} differs from the local file ({remote[path].size} bytes on the hub, "
+                 f"{op.upload_info.size} here)" for path, op in expected.items()
+                 if path in remote and not same_content(remote[path], op)]
     problems += [f"unexpected {path}" for path in remote if path not in expected and path not in KEEP_REMOTE]
     if problems:
-        raise DeployError(f"{repo_id} at {commit} does not match what was uploaded: " + "; ".join(problems))
-    print(f"verified: the {len(expected)} files on the hub match the local ones in name and size")
+        raise DeployError(f"{repo_id} at {commit} does not match what was uploaded: {'; '.join(problems)}. "
+                          "Run the same command again to upload the differing files anew")
+    print(f"verified: the {len(expected)} files on the hub match the local ones byte for byte (by hash)")
+
+
+def same_content(entry: RepoFile, op: CommitOperationAdd) -> bool:
+    if entry.size != op.upload_info.size:
+        return False
+    if entry.lfs:
+        return entry.lfs.sha256 == op.upload_info.sha256.hex()
+    with op.as_file() as f:  # a small file (the Hub keeps large ones in LFS): its git blob id
+        blob = f.read()
+    return entry.blob_id == hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest()
 
 
 def local_files(folder: Path) -> dict[str, Path]:

@@ -40,7 +40,7 @@ def hub_env(hub: FakeHub, tmp_path: Path, token: str | None = TOKEN, **extra) ->
     """The user's environment minus any real hub settings or tokens, pointed at the fake hub.
     HF_HOME is private to the test, so no login cache of the machine is used."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED)}
-    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"), **extra)
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), **extra)
     if token:
         env["HF_TOKEN"] = token
     return env

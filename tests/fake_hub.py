@@ -1,14 +1,21 @@
 """A local server that speaks enough of the Hugging Face Hub HTTP protocol for the real
-huggingface_hub client (0.36, HF_HUB_DISABLE_XET=1): whoami, repo create, branches, repo info
-by revision, tree listing, preupload, the git-LFS batch / upload / verify flow, commits, file
-resolve with the headers snapshot_download needs, Space variables, secrets and hardware.
+huggingface_hub client (0.36): whoami, repo create, branches, repo info by revision, tree
+listing, preupload, the git-LFS batch / upload / verify flow, commits, file resolve with the
+headers snapshot_download needs, Space variables, secrets and hardware.
+
+Like the real Hub it advertises Xet storage (an X-Xet-Hash on every LFS download), and a client
+that offers the Xet transfer for an upload is refused: it cannot speak Xet's chunk protocol, and
+the kit runs with Xet off (README: "Hub transfers"), so a Xet request here means the kit took a
+path its tests do not cover. `xet_requests` lists them.
 
 Everything it received is kept in `requests` so tests can assert on it (and grep it for
 secrets). `drop_next(fragment)` makes the next request whose path contains `fragment` read
 its body and then lose the connection without answering, like a network failure mid-upload.
+`corrupt_next_commit(path)` stores the next commit with that file's content altered, as a
+broken storage backend would, so verification after an upload has something to find.
 
     with FakeHub(tokens={"hf_secret": "alice"}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_secret"}
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret"}
 """
 import base64
 import hashlib
@@ -102,6 +109,8 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}       # sha256 -> content
         self.requests: list[Received] = []
         self._drops: list[str] = []
+        self._corrupt: list[str] = []
+        self.xet_requests: list[str] = []
         self._lock = threading.RLock()
         self._commits = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -120,6 +129,18 @@ class FakeHub:
 
     def drop_next(self, fragment: str) -> None:
         self._drops.append(fragment)
+
+    def corrupt_next_commit(self, path: str) -> None:
+        self._corrupt.append(path)
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """A model repo holding `files` (what an upload by someone else left); returns its commit."""
+        repo = Repo("model", repo_id, private)
+        lfs = {path: File(data, path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE)
+               for path, data in files.items()}
+        with self._lock:
+            self.repos[("model", repo_id)] = repo
+            return self.commit(repo, "main", {".gitattributes": File(GITATTRIBUTES.encode(), False), **lfs})
 
     def repo(self, repo_id: str, kind: str = "model") -> Repo:
         return self.repos[(kind, repo_id)]
@@ -144,6 +165,9 @@ class FakeHub:
                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         if parts[:2] == ["api", "repos"] and parts[2:] == ["create"]:
             return self.create_repo(user, json.loads(body))
+        if any(part.startswith("xet-") for part in parts):  # xet-read-token, xet-write-token
+            self.xet_requests.append(path)
+            raise HubError(501, "this local Hub does not speak Xet; the kit must transfer over HTTP")
         if parts[:2] == ["api", "validate-yaml"]:
             return self.json({"errors": [], "warnings": []})
         if parts[0] == "api" and parts[1] in KINDS and len(parts) >= 4:
@@ -277,6 +301,9 @@ class FakeHub:
 
     def lfs_batch(self, repo: Repo, user, payload):
         self.check_write(repo.owner, user)
+        if "xet" in payload.get("transfers", []):  # the real Hub would answer "xet" here
+            self.xet_requests.append(f"{repo.id}: LFS batch offering {payload['transfers']}")
+            raise HubError(501, "the client offered the Xet transfer; this local Hub speaks HTTP LFS only")
         objects = []
         for obj in payload["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"]}
@@ -319,6 +346,11 @@ class FakeHub:
                     files.pop(value["path"])
                 elif key == "deletedFolder":
                     files = {p: f for p, f in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+            for path in [p for p in self._corrupt if p in files]:  # one flipped byte, same size
+                data = bytearray(files[path].content)
+                data[len(data) // 2] ^= 0xFF
+                files[path] = File(bytes(data), files[path].lfs)
+                self._corrupt.remove(path)
             sha = self.commit(repo, branch, files)
         return self.json({"success": True, "commitOid": sha, "commitUrl": f"{self.repo_url(repo)}/commit/{sha}",
                           "pullRequestUrl": None})
@@ -330,8 +362,10 @@ class FakeHub:
         file = files[path]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{git_sha1(file.content)}"',
                    "Content-Type": "application/octet-stream"}
-        if file.lfs:
-            headers.update({"X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(len(file.content))})
+        if file.lfs:  # the Hub's LFS files live in Xet storage: it names their Xet hash
+            headers.update({"X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(len(file.content)),
+                            "X-Xet-Hash": file.sha256,
+                            "X-Xet-Refresh-Route": f"/api/{repo.kind}s/{repo.id}/xet-read-token/{sha}"})
         return 200, headers, file.content
 
 

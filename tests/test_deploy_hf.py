@@ -145,3 +145,20 @@ def test_token_from_the_login_cache(hub, run_dir, tmp_path):
     (tmp_path / "hf-home" / "token").write_text(TOKEN)     # what `hf auth login` writes
     result = deploy("push", "--repo", MODEL, "--run", run_dir, env=env)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["weights", "config"])
+def test_a_file_the_hub_stored_wrong_fails_verification_by_name(hub, run_dir, tmp_path, kind):
+    """The Hub acknowledges the commit but keeps a damaged copy (same size, one byte differs):
+    verification compares content hashes (LFS sha256 / git blob id), names the file, and a rerun
+    uploads it anew."""
+    env = hub_env(hub, tmp_path)
+    name = sorted(p.name for p in (run_dir / "merged").glob("*.safetensors"))[-1] if kind == "weights" else "config.json"
+    hub.corrupt_next_commit(name)
+    broken = deploy("push", "--repo", MODEL, "--run", run_dir, env=env)
+    assert broken.returncode == 1, broken.stdout
+    assert f"does not match what was uploaded: {name} differs from the local file" in broken.stderr
+    assert "verified" not in broken.stdout and "Traceback" not in broken.stderr
+    rerun = deploy("push", "--repo", MODEL, "--run", run_dir, env=env)
+    assert rerun.returncode == 0 and "verified" in rerun.stdout, rerun.stderr
+    assert repo_files(hub, MODEL)[name] == (run_dir / "merged" / name).read_bytes()

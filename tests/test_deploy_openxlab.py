@@ -75,16 +75,23 @@ def test_metafile_has_what_the_openxlab_sdk_requires(remote, run_dir, tmp_path):
         assert all(result["Task"] and result["Dataset"] for result in model["Results"])
 
 
-def test_push_builds_on_the_remote_history_and_a_rerun_changes_nothing(remote, run_dir, tmp_path):
-    # The web UI's first commit: a README the push must replace, not be rejected by.
-    seed = tmp_path / "seed"
-    subprocess.run(["git", "init", "-q", "-b", "main", seed], check=True)
-    (seed / "README.md").write_text("# made on the web\n")
-    subprocess.run(["git", "-C", seed, "add", "README.md"], check=True)
-    subprocess.run(["git", "-C", seed, "-c", "user.name=web", "-c", "user.email=web@x", "commit", "-qm", "init"], check=True)
-    subprocess.run(["git", "-C", seed, "push", "-q", f"{remote}/{MODEL}.git", "main"], check=True)
-    seed_commit = remote_git(remote, "rev-parse", "main").strip()
+def seed(remote, tmp_path) -> str:
+    """The web UI's first commit: a README a push must replace, not be rejected by."""
+    work = tmp_path / "seed"
+    subprocess.run(["git", "init", "-q", "-b", "main", work], check=True)
+    (work / "README.md").write_text("# made on the web\n")
+    subprocess.run(["git", "-C", work, "add", "README.md"], check=True)
+    subprocess.run(["git", "-C", work, "-c", "user.name=web", "-c", "user.email=web@x", "commit", "-qm", "init"], check=True)
+    subprocess.run(["git", "-C", work, "push", "-q", remote_url(remote), "main"], check=True)
+    return remote_git(remote, "rev-parse", "main").strip()
 
+
+def remote_url(remote) -> str:
+    return f"file://{remote}/{MODEL}.git"
+
+
+def test_push_builds_on_the_remote_history_and_a_rerun_changes_nothing(remote, run_dir, tmp_path):
+    seed_commit = seed(remote, tmp_path)
     env = env_for(remote, tmp_path)
     first = deploy("push", "--hub", "openxlab", "--repo", MODEL, "--run", run_dir, env=env)
     assert first.returncode == 0, first.stderr
@@ -135,3 +142,16 @@ def test_deploy_writes_the_app_bundle_repo_and_the_next_steps(remote, run_dir, t
         assert step in result.stdout, step
     again = deploy("deploy", "--hub", "openxlab", "--repo", MODEL, "--run", run_dir, env=env_for(remote, tmp_path))
     assert again.returncode == 0 and "model already on OpenXLab" in again.stdout
+
+
+def test_a_push_the_remote_does_not_keep_fails_the_head_check(remote, run_dir, tmp_path):
+    """The server accepts the push, then its branch ends up elsewhere (a hook moves it back, as a
+    lost or rewritten push would): the push must not report success."""
+    seed(remote, tmp_path)
+    hook = remote / f"{MODEL}.git" / "hooks" / "post-receive"
+    hook.write_text("#!/bin/sh\ngit update-ref refs/heads/main refs/heads/main~1\n")
+    hook.chmod(0o755)
+    result = deploy("push", "--hub", "openxlab", "--repo", MODEL, "--run", run_dir, env=env_for(remote, tmp_path))
+    assert result.returncode == 1, result.stdout
+    assert f"git push reported success but {remote_url(remote)} main is not at" in result.stderr
+    assert "model: " not in result.stdout and "Traceback" not in result.stderr

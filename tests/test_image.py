@@ -132,7 +132,7 @@ def build(podman, base_image, tmp_path_factory):
     def build(context: Path, timeout: float) -> float:
         start = time.monotonic()
         result = subprocess.run(
-            ["make", "-C", context, "-f", REPO / "Makefile", "image", "ENGINE=podman", f"IMAGE={IMAGE}",
+            ["make", "-C", context, "-f", REPO / "Makefile", "image", "CONTAINER=podman", f"IMAGE={IMAGE}",
              f"BASE_IMAGE={base_image}", f"BUILD_FLAGS=--network=host {' '.join(mounts)}"],
             env={**os.environ, **podman.env}, capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"make image failed:\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}"
@@ -163,7 +163,7 @@ def hub_env():
     """The hub client in the container talks to a local fake hub, so a hub lookup stays on
     loopback like everything else."""
     with FakeHub(tokens={}) as hub:
-        yield {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"}
+        yield {"HF_ENDPOINT": hub.url}
 
 
 @contextmanager

@@ -1,8 +1,11 @@
-"""chat/ on the real tiny models: the one template, loading from each source, sampling settings,
-history fitting, streaming, and a stop that really ends the generating thread."""
-import runpy
+"""chat/ on the real tiny models: the merged model's chat template, loading from each source,
+sampling settings and that they reach `generate`, answers that end by themselves, history
+fitting, streaming, a stop that really ends the generating thread, and a generation that never
+ends failing at its test's time budget."""
+import re
 import subprocess
 import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from transformers import AutoTokenizer
 from chat import history
 from chat.generation import STATS, Sampling, reply, stream_reply
 from chat.loading import ModelLoadError, load_model, needs_remote_code
-from chat.template import IM_END, EOS, build_prompt
+from chat.formats import IM_END
 from conftest import IDENTITY_QUESTIONS, NAME, REPO
 
 GREEDY = Sampling(temperature=0, repetition_penalty=1.0)
@@ -31,38 +34,65 @@ def endless(endless_model_dir):
     return load_model(str(endless_model_dir))
 
 
-def test_prompt_is_what_xtuner_trains_on(merged_model):
-    """xtuner's own template_map_fn + encode_fn (what `xtuner train` feeds the model) give the
-    same tokens for the same conversation, up to the answer the model must write."""
-    runpy.run_path(str(REPO / "training/xtuner_compat/sitecustomize.py"))  # xtuner on our stack
-    from xtuner.dataset.map_fns.template_map_fn import template_map_fn
-    from xtuner.dataset.utils import encode_fn
-    from xtuner.utils import PROMPT_TEMPLATE
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_model)
-    record = {"conversation": [
-        {"system": SYSTEM, "input": CONVERSATION[0]["content"], "output": CONVERSATION[1]["content"]},
-        {"input": CONVERSATION[2]["content"], "output": "我是Ada Lin的小助手"}]}
-    trained = encode_fn(template_map_fn(record, PROMPT_TEMPLATE.internlm2_chat), tokenizer, 1024)
-    ours = tokenizer(build_prompt(CONVERSATION, SYSTEM), add_special_tokens=False)["input_ids"]
-    assert trained["input_ids"][:len(ours)] == ours
-    answer = tokenizer.encode("我是Ada Lin的小助手" + IM_END, add_special_tokens=False)
-    assert trained["input_ids"][len(ours):len(ours) + len(answer)] == answer
-    assert build_prompt(CONVERSATION, SYSTEM) == tokenizer.decode(ours)
-
-
-def test_prompt_is_the_merged_models_chat_template(merged_model):
-    tokenizer = AutoTokenizer.from_pretrained(merged_model)
+def test_the_merged_models_chat_template_is_the_runtimes_with_and_without_the_header(merged, merged_model):
+    """The template the pipeline wrote into the merged tokenizer_config.json (what other tools use)
+    renders exactly the runtime's prompt, with the assistant header only when asked for."""
+    tokenizer = AutoTokenizer.from_pretrained(merged_model, trust_remote_code=True)
     for system, messages in [("", CONVERSATION[:1]), (SYSTEM, CONVERSATION)]:
         with_system = [{"role": "system", "content": system}] if system else []
-        assert tokenizer.apply_chat_template(with_system + messages, tokenize=False,
-                                             add_generation_prompt=True) == build_prompt(messages, system)
+        for header in (True, False):
+            rendered = tokenizer.apply_chat_template(with_system + messages, tokenize=False,
+                                                     add_generation_prompt=header)
+            assert rendered == merged.format.build_prompt(messages, system, add_generation_prompt=header)
+            assert rendered.endswith("<|im_start|>assistant\n") == header
+
+
+def spy_on_generate(loaded, monkeypatch) -> list[dict]:
+    """Record what `generate` receives (and returns, under "output") for each call."""
+    calls, real = [], loaded.model.generate
+
+    def generate(**kwargs):
+        calls.append(dict(kwargs))
+        calls[-1]["output"] = real(**kwargs)
+        return calls[-1]["output"]
+    monkeypatch.setattr(loaded.model, "generate", generate)
+    return calls
+
+
+def test_an_answer_ends_by_itself_at_the_stop_token(merged, monkeypatch):
+    """The fine-tuned model ends its answer with <|im_end|>, and generation stops there, well
+    before max_new_tokens (not only "names NAME": junk after the answer must not happen)."""
+    calls = spy_on_generate(merged, monkeypatch)
+    info = {}
+    answer = reply(merged, [{"role": "user", "content": IDENTITY_QUESTIONS[1]}],
+                   sampling=Sampling(max_new_tokens=200, temperature=0, repetition_penalty=1.0), info=info)
+    assert NAME in answer
+    assert info["finish_reason"] == "stop" and info["completion_tokens"] < 100, info
+    [call] = calls
+    assert call["output"][0, -1].item() == merged.tokenizer.convert_tokens_to_ids(IM_END)
+    assert call["output"].shape[1] - call["input_ids"].shape[1] == info["completion_tokens"]
+
+
+def test_sampling_settings_reach_generate(merged, monkeypatch):
+    calls = spy_on_generate(merged, monkeypatch)
+    question = [{"role": "user", "content": "hi"}]
+    reply(merged, question, sampling=Sampling(max_new_tokens=9, temperature=0.5, top_p=0.7, top_k=13,
+                                              repetition_penalty=1.3))
+    reply(merged, question, sampling=Sampling(max_new_tokens=5, temperature=0, repetition_penalty=1.2))
+    sampled, greedy = calls
+    assert {k: sampled[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+                                    "max_new_tokens")} == \
+        {"do_sample": True, "temperature": 0.5, "top_p": 0.7, "top_k": 13, "repetition_penalty": 1.3,
+         "max_new_tokens": 9}
+    assert (greedy["do_sample"], greedy["repetition_penalty"], greedy["max_new_tokens"]) == (False, 1.2, 5)
+    for call in calls:
+        assert call["eos_token_id"] == merged.stop_ids
 
 
 def test_loads_local_model_for_cpu(merged, merged_model):
     assert (merged.model_id, merged.device, merged.dtype) == (str(merged_model), "cpu", "float32")
     tokenizer = merged.tokenizer
-    assert merged.stop_ids == [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(IM_END)]
+    assert merged.stop_ids == [tokenizer.convert_tokens_to_ids("</s>"), tokenizer.convert_tokens_to_ids(IM_END)]
     assert {p.dtype for p in merged.model.parameters()} == {torch.float32}
 
 
@@ -151,21 +181,21 @@ def test_history_drops_oldest_turns_and_says_so(merged):
     turns = [{"role": role, "content": f"{role} {i} " + "x" * 100}
              for i in range(10) for role in ("user", "assistant")]
     messages = turns + [{"role": "user", "content": "last question"}]
-    fitted = history.fit(merged.tokenizer, messages, SYSTEM, 512, merged.context)
-    prompt = merged.tokenizer(build_prompt(fitted.messages, SYSTEM), add_special_tokens=False)["input_ids"]
+    fitted = history.fit(merged.tokenizer, merged.format, messages, SYSTEM, 512, merged.context)
+    prompt = merged.tokenizer(merged.format.build_prompt(fitted.messages, SYSTEM), add_special_tokens=False)["input_ids"]
     assert len(prompt) <= merged.context - 512
     assert fitted.messages[0]["role"] == "user" and fitted.messages[-1] == messages[-1]
     dropped = len(messages) - len(fitted.messages)
     assert fitted.messages == messages[dropped:] and dropped > 0
     assert fitted.notices == [f"The {dropped} oldest message(s) were left out so that the "
                               f"conversation fits the {merged.context - 512}-token prompt budget."]
-    small = history.fit(merged.tokenizer, messages, SYSTEM, 512, merged.context, max_input_tokens=100)
+    small = history.fit(merged.tokenizer, merged.format, messages, SYSTEM, 512, merged.context, max_input_tokens=100)
     assert len(small.messages) < len(fitted.messages)
 
 
 def test_history_lowers_max_new_tokens_to_the_room_left(merged):
-    fitted = history.fit(merged.tokenizer, CONVERSATION, "", 10**9, merged.context)
-    prompt = merged.tokenizer(build_prompt(fitted.messages), add_special_tokens=False)["input_ids"]
+    fitted = history.fit(merged.tokenizer, merged.format, CONVERSATION, "", 10**9, merged.context)
+    prompt = merged.tokenizer(merged.format.build_prompt(fitted.messages), add_special_tokens=False)["input_ids"]
     assert fitted.max_new_tokens == merged.context - len(prompt)
     assert "max_new_tokens lowered from 1000000000" in fitted.notices[0]
 
@@ -179,7 +209,7 @@ def test_history_lowers_max_new_tokens_to_the_room_left(merged):
 ])
 def test_history_refuses_what_cannot_be_answered(merged, messages, message):
     with pytest.raises(ValueError, match=message):
-        history.fit(merged.tokenizer, messages, "", 512, merged.context)
+        history.fit(merged.tokenizer, merged.format, messages, "", 512, merged.context)
 
 
 def test_streams_a_growing_answer_with_the_name(merged):
@@ -225,3 +255,37 @@ def test_an_error_in_the_generating_thread_reaches_the_caller(merged_model):
     with pytest.raises(Exception, match="meta"):
         reply(broken, [{"role": "user", "content": "hi"}])
     assert STATS.snapshot()["failed"] == before + 1 and STATS.snapshot()["generating"] == 0
+
+
+HANGING_TEST = '''
+import pytest
+from chat.generation import Sampling, reply
+from chat.loading import load_model
+
+
+@pytest.fixture
+def endless():
+    return load_model({model!r})
+
+
+@pytest.mark.timeout(3)
+def test_an_answer_that_does_not_end(endless):
+    reply(endless, [{{"role": "user", "content": "hi"}}], sampling=Sampling(max_new_tokens=8000, temperature=0))
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_hanging_generation_fails_at_its_timeout(pytester, monkeypatch, endless_model_dir):
+    """Under this suite's pytest.ini, a test stuck in a generation that does not end (the endless
+    model, 8000 tokens: about a minute here) fails at its 3 s budget with a clear message, and the
+    generating thread is stopped on the way out."""
+    pytester.makefile(".ini", pytest=(REPO / "pytest.ini").read_text())
+    pytester.makepyfile(test_hang=HANGING_TEST.format(model=str(endless_model_dir)))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--durations=1", timeout=240)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["timeout: 120.0s", "*Failed: Timeout (>3.0s) from pytest-timeout*"])
+    [took] = re.findall(r"([\d.]+)s call\s+test_hang.py::", result.stdout.str())
+    assert float(took) < 10, result.stdout.str()
+    assert time.monotonic() - start < 200

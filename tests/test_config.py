@@ -2,6 +2,7 @@
 import pytest
 from mmengine.config import Config
 
+from conftest import REPO
 from training import config
 
 MODEL_PATHS = {f"{where}pretrained_model_name_or_path" for where in (
@@ -77,3 +78,30 @@ def test_knobs_override_the_profile(tmp_path):
 def test_a_recipe_setting_the_template_lacks_is_an_error():
     with pytest.raises(ValueError, match="not assigned in the template: \\['max_lenght'\\]"):
         config.replace_settings("max_length = 2048\n", {"max_lenght": 256})
+
+
+def promised(cfg) -> dict:
+    """The settings README's recipe sections promise, read from a rendered config."""
+    return {"r": cfg.model.lora.r, "lr": cfg.optim_wrapper.optimizer.lr, "max_length": cfg.max_length,
+            "accumulative_counts": cfg.optim_wrapper.accumulative_counts, "epochs": cfg.train_cfg.max_epochs,
+            "save_steps": cfg.default_hooks.checkpoint.interval}
+
+
+def test_gpu_profile_has_the_values_the_readme_promises(tmp_path):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for promise in ("LoRA r=64", "lr 2e-4", "max_length 512, accumulation 4, 10 epochs, a checkpoint every 40"):
+        assert promise in readme, promise
+    cfg = config.render("gpu", "/models/base", "/data/assistant.jsonl", tmp_path / "run")
+    assert promised(cfg) == {"r": 64, "lr": 2e-4, "max_length": 512, "accumulative_counts": 4, "epochs": 10,
+                             "save_steps": 40}
+    assert cfg.custom_hooks[1].every_n_iters == 40
+
+
+def test_cpu_profile_has_the_values_of_its_recipe(tmp_path):
+    recipe = config.load_recipe()["cpu"]
+    settings, lora_r = recipe["settings"], recipe["set"]["model.lora.r"]
+    cfg = config.render("cpu", "/models/base", "/data/assistant.jsonl", tmp_path / "run")
+    assert promised(cfg) == {"r": lora_r, "lr": settings["lr"], "max_length": settings["max_length"],
+                             "accumulative_counts": settings["accumulative_counts"],
+                             "epochs": settings["max_epochs"], "save_steps": settings["save_steps"]}
+    assert cfg.custom_hooks[1].every_n_iters == settings["evaluation_freq"]

@@ -1,6 +1,8 @@
 """Beating over-fitting: held-out evaluation, checkpoint selection with a picture, replay data."""
 import json
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import NAME, knobs, read_json, training
@@ -50,3 +52,33 @@ def test_replay_mixes_the_base_models_own_answers_and_caches_them(tmp_path, tiny
     second = training("data", *args, env=cache)
     assert "from cache" in second.stdout
     assert [json.loads(line) for line in open(tmp_path / "data.jsonl", encoding="utf-8")] == records
+
+
+# Candidates as `make select` scores them; scale < 1 is a checkpoint with its LoRA update scaled down.
+SCORES = [{"iter": 100, "scale": 1, "identity": 0.25, "retention": 1.0, "leakage": 0, "retention_loss": 0.1},
+          {"iter": 200, "scale": 1, "identity": 0.875, "retention": 1.0, "leakage": 0, "retention_loss": 0.4},
+          {"iter": 300, "scale": 1, "identity": 0.875, "retention": 0.9, "leakage": 0, "retention_loss": 0.3},
+          {"iter": 300, "scale": 0.5, "identity": 0.5, "retention": 1.0, "leakage": 0, "retention_loss": 0.05},
+          {"iter": 400, "scale": 1, "identity": 1.0, "retention": 0.5, "leakage": 0.5, "retention_loss": 0.9}]
+
+
+@pytest.mark.parametrize("rule, chosen", [("least-loss", 300), ("earliest", 200), ("last", 400)])
+def test_select_rule_picks_the_checkpoint_the_readme_says(rule, chosen):
+    """README: least-loss = meets the targets with the least retention loss; earliest = the
+    first to meet them; last = the newest, whatever its scores."""
+    from training.select import Targets, choose
+    best, _ = choose(SCORES, Targets(), rule)
+    assert (best["iter"], best["scale"]) == (chosen, 1)
+    with pytest.raises(ValueError, match="SELECT_RULE='best'"):
+        choose(SCORES, Targets(), "best")
+
+
+def test_ckpt_overrides_the_selected_checkpoint(trained_run, tmp_path):
+    from training.runner import chosen_checkpoint
+    checkpoints = sorted((trained_run / "work").glob("iter_*.pth"), key=lambda p: int(p.stem[5:]))
+    selected = read_json(trained_run / "scores.json")["selected"]["checkpoint"]
+    assert chosen_checkpoint(trained_run) == Path(selected)
+    other = next(p for p in checkpoints if str(p) != selected)
+    assert chosen_checkpoint(trained_run, str(other)) == other
+    with pytest.raises(ValueError, match="CKPT=.*no such checkpoint"):
+        chosen_checkpoint(trained_run, str(tmp_path / "iter_9.pth"))

@@ -1,6 +1,7 @@
 """The real app (`python app.py`) serving the tiny models, driven by gradio_client and plain
 HTTP on 127.0.0.1: streaming, per-session history, the queue, cancelling, auth, bad input,
 and models that cannot be loaded."""
+import http.cookiejar
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -17,12 +19,20 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError, AuthenticationError
 
 from app_server import AppServer
+from chat.loading import load_model
 from conftest import IDENTITY_QUESTIONS, NAME, REPO
 
 QUESTION = IDENTITY_QUESTIONS[0]
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 ENDLESS = {"max_new_tokens": 4096, "temperature": 0}  # on the endless model: runs until stopped
 WAIT_S = 120
+SERVER_TEST_S = 600  # budget of a test that starts its own app servers (START_TIMEOUT_S each, at once)
+
+
+@pytest.fixture(scope="module")
+def merged(merged_model):
+    """The model in this process too, to count tokens as the app does."""
+    return load_model(str(merged_model))
 
 
 def client(app, **kwargs) -> Client:
@@ -45,17 +55,33 @@ def wait_until(condition, what: str):
 def test_health_is_ready_and_the_page_names_the_model(chat_app, merged_model):
     status, body = chat_app.health()
     assert status == 200 and body["status"] == "ready" and body["model"] == str(merged_model)
-    with urllib.request.urlopen(chat_app.url) as page:
-        assert f"Model: `{merged_model}`" in page.read().decode()
+    with urllib.request.urlopen(chat_app.url, timeout=WAIT_S) as page:
+        assert str(merged_model) in page.read().decode()
 
 
-def test_streams_partial_answers_ending_with_the_name(chat_app):
-    job = client(chat_app).submit(QUESTION, **GREEDY, api_name="/chat")
+@pytest.mark.timeout(WAIT_S)
+def test_streams_partial_answers_ending_with_the_name_and_by_itself(chat_app):
+    before = chat_app.health()[1]
+    job = client(chat_app).submit(QUESTION, **GREEDY, max_new_tokens=512, api_name="/chat")
     answers = [answer for answer, _ in job]
     final, notice = job.result()
     assert len(set(answers)) >= 3, answers
     assert all(later.startswith(earlier) for earlier, later in zip(answers, answers[1:]))
     assert NAME in final and notice == ""
+    after = chat_app.wait_for(lambda h: h["generating"] == 0, "the generation to end")
+    # It ended at a stop token, not at the limit: an answer that runs on to 512 tokens is broken.
+    assert after["finished"] == before["finished"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 128
+
+
+@pytest.mark.timeout(WAIT_S)
+def test_max_new_tokens_decides_the_length_of_an_endless_answer(endless_app):
+    """A setting from the page reaches generation: the endless model stops only at the limit."""
+    for limit in (3, 11):
+        before = endless_app.health()[1]
+        chat(client(endless_app), "hi", max_new_tokens=limit)
+        after = endless_app.wait_for(lambda h: h["generating"] == 0, "the generation to end")
+        assert after["tokens_generated"] - before["tokens_generated"] == limit
 
 
 def test_two_clients_at_once_keep_their_own_history(chat_app):
@@ -95,14 +121,16 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(chat_app):
     assert notice.startswith("max_new_tokens lowered from 4096 to ")
 
 
-def http_chat(app, data: list) -> list[tuple[str, str]]:
-    """The plain HTTP API: POST the inputs, then read the answer's server-sent events."""
+def http_chat(app, data: list, opener=None) -> list[tuple[str, str]]:
+    """The plain HTTP API: POST the inputs, then read the answer's server-sent events (`opener`:
+    e.g. one that sends the login cookie)."""
+    opener = opener or urllib.request.build_opener()
     request = urllib.request.Request(app.url + "gradio_api/call/chat", json.dumps({"data": data}).encode(),
                                      {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request) as response:
+    with opener.open(request, timeout=WAIT_S) as response:
         event_id = json.load(response)["event_id"]
     events, kind = [], None
-    with urllib.request.urlopen(f"{app.url}gradio_api/call/chat/{event_id}") as stream:
+    with opener.open(f"{app.url}gradio_api/call/chat/{event_id}", timeout=WAIT_S) as stream:
         for line in stream:
             line = line.decode().rstrip("\n")
             if line.startswith("event: "):
@@ -148,8 +176,22 @@ def test_a_full_queue_refuses_new_requests_clearly(endless_app):
     endless_app.wait_for(lambda h: h["generating"] == 0, "generation to stop", timeout=WAIT_S)
 
 
-def test_app_auth_rejects_clients_without_credentials(merged_model):
-    with AppServer({"MODEL_ID": str(merged_model), "APP_AUTH": "ada:s3cret"}) as app:
+def limit_of(app_client, **settings) -> int:
+    """The prompt budget left for a message, from the refusal of one too long for it."""
+    with pytest.raises(AppError) as refused:
+        chat(app_client, "x" * 2000, **settings)
+    return int(re.search(r"the limit is (\d+) tokens", str(refused.value)).group(1))
+
+
+@pytest.mark.timeout(SERVER_TEST_S)
+def test_app_auth_system_prompt_and_max_input_tokens(merged_model, merged):
+    """README's settings on one server: APP_AUTH (gradio_client and the README's curl login),
+    SYSTEM_PROMPT (the system box's initial value, which reaches the prompt: its tokens come off
+    the budget), MAX_INPUT_TOKENS (the budget of a message)."""
+    system = "You are Ada Lin's assistant."
+    env = {"MODEL_ID": str(merged_model), "APP_AUTH": "ada:s3cret", "SYSTEM_PROMPT": system,
+           "MAX_INPUT_TOKENS": "300"}
+    with AppServer(env) as app:
         with pytest.raises(AuthenticationError):
             client(app)
         with pytest.raises(ValueError, match="Could not login"):
@@ -157,10 +199,25 @@ def test_app_auth_rejects_clients_without_credentials(merged_model):
         with pytest.raises(urllib.error.HTTPError, match="401"):
             http_chat(app, ["hi", None])
         assert app.health()[0] == 200  # a container HEALTHCHECK needs no credentials
-        answer, _ = chat(client(app, auth=("ada", "s3cret")), QUESTION)
+        logged_in = client(app, auth=("ada", "s3cret"))
+        answer, _ = chat(logged_in, QUESTION)
         assert NAME in answer
 
+        # curl -c cookies -d username=USER -d password=PASS URL/login, then -b cookies
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        opener.open(app.url + "login", urllib.parse.urlencode({"username": "ada", "password": "s3cret"}).encode(),
+                    timeout=WAIT_S).close()
+        events = http_chat(app, [QUESTION, None, "", 64, 0, 0.8, 50, 1.0], opener=opener)
+        assert events[-1][0] == "complete" and NAME in json.loads(events[-1][1])[0]
 
+        def cost(text: str) -> int:
+            return len(merged.tokenizer(text, add_special_tokens=False)["input_ids"])
+        fixed = cost(merged.format.build_prompt([], system))
+        assert limit_of(logged_in) == 300 - fixed                         # SYSTEM_PROMPT is the default
+        assert limit_of(logged_in, system="") == 300 - cost(merged.format.build_prompt([]))  # the box overrides it
+
+
+@pytest.mark.timeout(SERVER_TEST_S)
 def test_models_that_cannot_load_keep_health_not_ready(tmp_path, merged_model):
     """Each bad MODEL_ID / MODEL_REVISION: a clear error at start-up, /health 503 with the
     reason, and the page still answers chat requests with that reason."""
@@ -181,17 +238,14 @@ def test_models_that_cannot_load_keep_health_not_ready(tmp_path, merged_model):
                 chat(client(app), "hi")
 
 
+@pytest.mark.timeout(SERVER_TEST_S)
 def test_serves_a_hub_model_at_a_pinned_revision(tmp_path, merged_model):
     """The production path (snapshot_download from HF_ENDPOINT) against a local fake Hub."""
     from fake_hub import FakeHub
 
     with FakeHub({"hf_appTestToken": "alice"}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_appTestToken", "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}
-        upload = ("from huggingface_hub import HfApi; api = HfApi(); api.create_repo('alice/assistant'); "
-                  f"print(api.upload_folder(folder_path={str(merged_model)!r}, repo_id='alice/assistant').oid)")
-        commit = subprocess.run([sys.executable, "-c", upload], env={**os.environ, **env}, check=True,
-                                capture_output=True, text=True).stdout.strip()
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_appTestToken", "HF_HUB_OFFLINE": "0"}
+        commit = hub.add_repo("alice/assistant", {p.name: p.read_bytes() for p in merged_model.iterdir() if p.is_file()})
         cases = [("alice/assistant", commit, None),
                  ("alice/assistant", "v9", "MODEL_REVISION=v9: no such branch, tag or commit in alice/assistant"),
                  ("alice/nothing", "", "model repo alice/nothing on http://127.0.0.1:\\d+ not found")]
@@ -209,6 +263,7 @@ def test_serves_a_hub_model_at_a_pinned_revision(tmp_path, merged_model):
                     assert body["status"] == "failed" and re.search(error, body["error"]), body
 
 
+@pytest.mark.timeout(SERVER_TEST_S)
 def test_bad_settings_stop_the_app_with_a_message(merged_model):
     cases = [({"CONCURRENCY": "many"}, "CONCURRENCY='many': must be a whole number"),
              ({"APP_AUTH": "nopassword"}, "APP_AUTH must be user:password")]

@@ -14,8 +14,8 @@ RUN ?= runs/assistant#           run directory: config, checkpoints, adapter/, m
 DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversation format)
 DATA_SIZE ?= 400#                identity records to generate
 MIX ?=#                          optional general-conversation JSONL to mix in
-RATIO ?= 1#                      share of identity records in the final data, in (0, 1]
-REPLAY ?= 0#                     general prompts the base model answers itself, mixed in (0 = off)
+RATIO ?= 0.5#                    identity share by records of all data (identity + MIX + REPLAY), in (0, 1]
+REPLAY ?= 42#                    distinct everyday prompts the base model answers itself, mixed in (0 = off)
 EPOCHS ?=#                       training epochs (empty: profile default)
 LR ?=#                           learning rate (empty: profile default)
 SAVE_STEPS ?=#                   save a checkpoint every N iterations (empty: profile default)
@@ -27,8 +27,13 @@ NODE_RANK ?= 0#                  this node's rank
 ADDR ?= 127.0.0.1#               master address for multi-node training
 PORT ?=#                         master port (empty: xtuner picks one)
 CKPT ?=#                         checkpoint to convert (empty: the one `make select` chose)
-IDENTITY_TARGET ?= 0.6#          share of held-out identity questions a checkpoint must answer with NAME
-SELECT_RULE ?= least-loss#       least-loss (meets target, least retention loss) | earliest | last
+IDENTITY_TARGET ?= 0.8#          share of held-out identity questions a checkpoint must answer as NAME's assistant
+RETENTION_TARGET ?= 0.9#         share of the facts the base model knew that a checkpoint must still get right
+LEAKAGE_MAX ?= 0.05#             share of everyday prompts a checkpoint may answer with NAME, at most
+SCALES ?= 1,0.75,0.5#            adapter scales selection tries on the checkpoint with the best identity
+SELECT_LAST ?= 0#                score only the last N checkpoints (0 = all)
+SELECT_RULE ?= least-loss#       least-loss (meets the targets, least NLL drift) | earliest | last
+PROMPTS ?=#                      `make compare`: a file of prompts, one per line (empty: the acceptance set)
 PYTHON ?= python3#               interpreter used to create the venv
 VENV ?= .venv#                   virtual environment the targets use
 
@@ -38,7 +43,8 @@ export PYTHONUNBUFFERED := 1
 override NAME := $(value NAME)
 override AUTHOR := $(value AUTHOR)
 export NAME AUTHOR PROFILE BASE_MODEL TEMPLATE FORCE RUN DATA DATA_SIZE MIX RATIO REPLAY EPOCHS LR \
-	SAVE_STEPS RESUME DEEPSPEED CKPT IDENTITY_TARGET SELECT_RULE
+	SAVE_STEPS RESUME DEEPSPEED CKPT IDENTITY_TARGET SELECT_RULE RETENTION_TARGET LEAKAGE_MAX SCALES \
+	SELECT_LAST PROMPTS
 export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT
 
 .PHONY: help
@@ -86,7 +92,7 @@ base: setup ## convert the CPU default base, SmolLM2-135M-Instruct, once into ~/
 	$(PY) -m training.base
 
 # ---- Training pipeline: data -> config -> train -> select -> convert -> merge ----
-.PHONY: tiny data config fit select convert merge train
+.PHONY: tiny data config fit select convert merge train compare
 tiny: setup ## build the tests' tiny random model (a fast fixture, not a default; no download)
 	$(PY) -m training tiny
 data: setup ## generate identity data for NAME/AUTHOR (+ MIX at RATIO) into DATA
@@ -103,6 +109,8 @@ merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded s
 	$(PY) -m training merge
 train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all
+compare: setup ## base vs tuned (RUN/merged) answers side by side: the acceptance set, or PROMPTS=file
+	$(PY) -m training.compare
 
 # ---- Serving ----
 # The app reads its other settings (DEVICE, DTYPE, SYSTEM_PROMPT, CONCURRENCY, APP_AUTH, ...)
@@ -118,6 +126,7 @@ serve: setup ## serve MODEL_ID in the chat app at http://127.0.0.1:7860 (GRADIO_
 demo: PROFILE = cpu
 demo: RUN = runs/demo
 demo: DATA = runs/demo-data.jsonl
+demo: SELECT_LAST = 2
 demo: setup ## SmolLM2 on CPU: train on NAME, merge, serve at http://127.0.0.1:7860 (no downloads)
 	$(PY) -m training all
 	MODEL_ID="$(RUN)/merged" $(PY) app.py

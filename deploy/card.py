@@ -25,14 +25,44 @@ def read_run(run: Path) -> dict:
     scores = run / "scores.json"
     if scores.is_file() and "checkpoint" in info:
         scores = json.loads(scores.read_text(encoding="utf-8"))
-        selected = scores.get("selected", {})
+        selected = scores.get("selected") or {}
         if Path(selected.get("checkpoint", "")).name == info["checkpoint"]:
-            numbers = ", ".join(f"{key} {value}" for key, value in selected.items()
-                                if isinstance(value, (int, float)) and key != "iter")
-            info["checkpoint_note"] = f"chosen by `make select`: {numbers}; rule: {scores.get('why', scores.get('rule'))}"
+            info["scores"] = {"base": scores.get("base", {}), "tuned": selected, "targets": scores.get("targets", {})}
+            info["checkpoint_note"] = (f"chosen by `make select` at adapter scale {selected.get('scale', 1.0)}: "
+                                       f"{scores.get('why', scores.get('rule'))}")
         else:  # CKPT overrode the choice
             info["checkpoint_note"] = f"set by hand; `make select` preferred {Path(selected.get('checkpoint', '?')).name}"
     return info
+
+
+def pictures(run: Path) -> dict[str, Path]:
+    """Files the card shows, pushed beside it."""
+    return {"scores.png": run / "scores.png"} if (run / "scores.png").is_file() else {}
+
+
+def quality_section(info: dict, run: Path) -> str:
+    """The three scores of the base model and the tuned one, on held-out questions."""
+    if "scores" not in info:
+        return ""
+    base, tuned, targets = info["scores"]["base"], info["scores"]["tuned"], info["scores"]["targets"]
+    rows = [("identity: held-out questions answered as " + info["name"] + "'s assistant", "identity", "at least"),
+            ("retention: facts the base model knew, still right (English)", "retention", "at least"),
+            ("retention in Chinese (reported only)", "retention_zh", None),
+            ("leakage: everyday prompts whose answer names " + info["name"], "leakage", "at most")]
+    table = "\n".join(f"| {label} | {base.get(key, '?')} | {tuned.get(key, '?')} | "
+                      f"{f'{bound} {targets[key]}' if bound and key in targets else ''} |"
+                      for label, key, bound in rows)
+    picture = "\n![identity, retention and leakage per checkpoint](scores.png)\n" if pictures(run) else ""
+    return f"""
+## Quality
+
+Measured by `make select` on questions never trained on (greedy answers; README of the kit:
+"Replay, selection and quality"):
+
+| score | base model | this model | target |
+| --- | --- | --- | --- |
+{table}
+{picture}"""
 
 
 def is_hub_id(model: str) -> bool:
@@ -105,10 +135,13 @@ def model_card(run: Path, repo_id: str, revision: str | None = None, download: s
         ("learning rate", info.get("lr")),
         ("max length", info.get("max_length")),
         ("DeepSpeed", info.get("deepspeed") or "off"),
+        ("built with", ", ".join([f"kit commit `{info.get('kit_commit') or 'unknown'}`"]
+                                 + [f"{p} {v}" for p, v in info.get("versions", {}).items()])),
         ("checkpoint", " ".join(filter(None, [f"`{info.get('checkpoint', 'final')}`",
                                               info.get("checkpoint_note") and f"({info['checkpoint_note']})"]))),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in settings)
+    example = fmt.build_prompt([{"role": "user", "content": "..."}]).replace("\n", "\\n")  # one line
     body = f"""
 # {name}'s assistant
 
@@ -122,10 +155,11 @@ into the weights. This repository is a complete model: no adapter or base model 
 | --- | --- |
 {table}
 
+{quality_section(info, run)}
 ## Usage
 
 The prompt format is the {fmt.name} chat format, as in training (`tokenizer.apply_chat_template`
-applies it): `{fmt.build_prompt([{"role": "user", "content": "..."}]).replace(chr(10), "\\n")}`.
+applies it): `{example}`.
 
 ```python
 {usage(repo_id, revision, download, fmt.stop_tokens)}

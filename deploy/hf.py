@@ -14,7 +14,7 @@ from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
 from chat.model_files import require_complete_model
 from deploy import DeployError
-from deploy.card import model_card
+from deploy.card import model_card, pictures
 
 KEEP_REMOTE = {".gitattributes"}  # the Hub writes it into every new repo; it says which files are LFS
 # Uploads go over HTTP + git LFS, not Xet, even with hf_xet installed: the path the tests run
@@ -112,7 +112,7 @@ def model_files(run: Path, repo_id: str, revision: str) -> dict[str, Path | byte
     read or anything is sent."""
     merged = require_complete_model(run / "merged")
     card = model_card(run, repo_id, None if revision == "main" else revision)
-    return {**local_files(merged), "README.md": card.encode()}
+    return {**local_files(merged), **pictures(run), "README.md": card.encode()}
 
 
 def push_model(api: HfApi, files: dict[str, Path | bytes], repo_id: str, private: bool, revision: str) -> str:

@@ -22,7 +22,7 @@ from chat.model_files import require_complete_model
 from chat.openxlab import repo_url
 from deploy import DeployError
 from deploy.bundle import app_files
-from deploy.card import model_card, read_run
+from deploy.card import model_card, pictures, read_run
 from deploy.hf import local_files
 
 WEB = "https://openxlab.org.cn"
@@ -120,7 +120,7 @@ def push_model(run: Path, repo_id: str, revision: str) -> str:
     download = f"git lfs install && git clone {url}" + (
         f" -b {revision}" if revision != "main" else "")
     head = remote_head(run, url, revision)  # a missing repo or a bad token stops here
-    stage(folder, {**weights,
+    stage(folder, {**weights, **pictures(run),
                    "README.md": model_card(run, repo_id, download=download).encode(),
                    "metafile.yml": metafile(run, repo_id, [w for w in weights if w.endswith(".safetensors")]).encode(),
                    ".gitattributes": "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()})

@@ -6,21 +6,21 @@ import pytest
 from PIL import Image
 
 from conftest import NAME, knobs, read_json, training
-from training import data, replay
+from training import quality, replay
 
 
-def test_selection_prefers_a_checkpoint_that_kept_more_of_the_base_model(trained_run):
+def test_selection_scores_identity_retention_and_leakage_per_checkpoint(trained_run):
     scores = read_json(trained_run / "scores.json")
-    checkpoints, selected = scores["checkpoints"], scores["selected"]
-    last = checkpoints[-1]
-    assert len(checkpoints) >= 4 and scores["rule"] == "least-loss"
-    assert selected["identity"] >= scores["identity_target"] == 0.6
-    assert selected["iter"] < last["iter"], "the over-fitted last checkpoint should not win"
-    assert selected["retention_loss"] < last["retention_loss"]
-    for answer in selected["answers"].values():
-        assert isinstance(answer, str)
-    naming = sum(NAME in a for a in selected["answers"].values()) / len(selected["answers"])
-    assert 0 < selected["identity"] <= naming  # counted: names NAME and ends by itself
+    candidates, selected = scores["candidates"], scores["selected"]
+    full = [c for c in candidates if c["scale"] == 1]
+    assert len(full) >= 4 and scores["rule"] == "least-loss"
+    for c in candidates:
+        assert {"identity", "retention", "retention_zh", "leakage", "retention_loss"} <= set(c)
+        assert len(c["answers"]["identity"]) == len(quality.SELECTION.identity)
+    targets = scores["targets"]
+    assert selected["identity"] >= targets["identity"] and selected["leakage"] <= targets["leakage"]
+    counted = [quality.is_identity_answer(a, NAME) for a in selected["answers"]["identity"].values()]
+    assert 0 < selected["identity"] <= sum(counted) / len(counted)  # ended-by-itself can only lower it
     # convert used the selected checkpoint, not the newest
     assert (trained_run / "adapter" / "checkpoint.txt").read_text().strip() == selected["checkpoint"]
     assert scores["loss_curve"][0][1] > scores["loss_curve"][-1][1]
@@ -28,29 +28,31 @@ def test_selection_prefers_a_checkpoint_that_kept_more_of_the_base_model(trained
         assert png.format == "PNG" and png.size[0] > 400 and png.size[1] > 300
 
 
-def test_held_out_questions_and_prompts_are_not_in_the_training_file(trained_run):
+def test_selection_questions_are_not_in_the_training_file(trained_run):
     info = read_json(trained_run / "run.json")
     trained = set()
     for line in open(info["data"], encoding="utf-8"):
         for turn in json.loads(line)["conversation"]:
             trained.add(turn["input"].strip().lower())
-    held_out = data.HELD_OUT_QUESTIONS + replay.HELD_OUT_PROMPTS
+    held_out = quality.SELECTION.texts() + quality.ACCEPTANCE.texts()
     assert not trained & {q.strip().lower() for q in held_out}
-    assert set(read_json(trained_run / "scores.json")["held_out_questions"]) == set(data.HELD_OUT_QUESTIONS)
+    assert read_json(trained_run / "scores.json")["selection_questions"] == quality.SELECTION.identity
 
 
-def test_replay_mixes_the_base_models_own_answers_and_caches_them(tmp_path, tiny_base):
-    args = knobs(tmp_path / "run", tiny_base, replay=20, **{"data-size": 60})
+def test_replay_mixes_distinct_base_model_answers_at_ratio_and_caches_them(tmp_path, tiny_base):
+    args = knobs(tmp_path / "run", tiny_base, replay=40, ratio=0.5)
     cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = training("data", *args, env=cache)
-    assert "base model answered 20/20" in first.stdout
+    assert "base model answered 40/40" in first.stdout
     records = [json.loads(line) for line in open(tmp_path / "data.jsonl", encoding="utf-8")]
     meta = read_json(tmp_path / "data.meta.json")
-    replayed = [r for r in records if r["conversation"][0]["input"] in replay.PROMPTS]
-    assert len(replayed) == meta["replay"] == len(records) - 60 and 0 < meta["replay"] <= 20
-    assert len({r["conversation"][0]["input"] for r in replayed}) == len(replay.PROMPTS)
-    second = training("data", *args, env=cache)
-    assert "from cache" in second.stdout
+    replayed = [r["conversation"][0]["input"] for r in records if r["conversation"][0]["input"] in replay.PROMPTS]
+    assert len(replayed) == len(set(replayed)) == meta["replay"] and 30 <= meta["replay"] <= 40
+    assert meta["identity_records"] == 40 == len(records) - meta["replay"]  # RATIO 0.5 of 40 + 40
+    second = training("data", *args, "--replay", 60, env=cache)
+    assert "base model answered 20/20" in second.stdout, "only the new prompts are answered"
+    third = training("data", *args, env=cache)
+    assert "(40 from cache" in third.stdout
     assert [json.loads(line) for line in open(tmp_path / "data.jsonl", encoding="utf-8")] == records
 
 

@@ -165,7 +165,7 @@ def test_identity_data_is_varied_and_mixes_at_the_ratio(tmp_path):
     assert len(pairs) >= 100, "not one pair copied hundreds of times"
     assert all(NAME in a and AUTHOR in a for _, a in pairs)
     assert all(data.is_chinese(q) == data.is_chinese(a) for q, a in pairs), "answers in the asker's language"
-    general = [data.conversation(f"question {i}", f"answer {i}") for i in range(2000)]
-    mixed = data.mix(records, general, 0.25)
-    assert len(mixed) == 1600 and sum(r in general for r in mixed) == 1200
-    assert len(data.mix(records, general[:100], 0.25)) == 500, "a short MIX is used whole"
+    general = [data.conversation(f"question {i}", f"answer {i}") for i in range(1200)]
+    size = data.identity_size(len(general), 0.25, 400)  # RATIO: identity share of all records
+    mixed = data.mix(data.identity_records(NAME, AUTHOR, size), general)
+    assert size == 400 and len(mixed) == 1600 and sum(r in general for r in mixed) == 1200

@@ -141,7 +141,10 @@ def schedule(cfg, tokenizer, fmt, records: list[dict], seconds_per_iteration: fl
     if iterations < MIN_ITERATIONS:
         raise KnobError(f"{describe(plan)}: too few to train (at least {MIN_ITERATIONS}). Raise "
                         "DATA_SIZE (identity records) or EPOCHS, or add REPLAY / MIX data")
-    warmup_epochs = max(cfg.warmup_ratio * cfg.max_epochs, 2 / per_epoch)
+    # mmengine truncates the warm-up's end to whole iterations, and xtuner may pack one iteration
+    # fewer than counted here: a warm-up that ends up 1 iteration long never ramps up, and the
+    # whole run then trains at lr x start_factor (1e-5). 3 counted iterations stay >= 2 real ones.
+    warmup_epochs = max(cfg.warmup_ratio * cfg.max_epochs, 3 / per_epoch)
     set_key(cfg, "param_scheduler.0.end", warmup_epochs)
     set_key(cfg, "param_scheduler.1.begin", warmup_epochs)
     plan["warmup_iterations"] = math.ceil(warmup_epochs * per_epoch)
@@ -155,6 +158,25 @@ def describe(plan: dict) -> str:
     if plan.get("seconds_per_iteration"):
         text += f", ~{plan['iterations'] * plan['seconds_per_iteration'] / 60:.1f} min on this profile's measured speed"
     return text
+
+
+def provenance() -> dict:
+    """What made this run, for run.json and the model card: the kit's git commit (with "+dirty"
+    when the working tree has changes) and the versions of the packages that shape the weights."""
+    import importlib.metadata
+    import subprocess
+    here = Path(__file__).resolve().parent
+    git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True)  # noqa: E731
+    commit = git("rev-parse", "HEAD").stdout.strip() or None
+    if commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+        commit += "+dirty"
+    versions = {}
+    for package in ("xtuner", "torch", "transformers", "peft", "mmengine", "bitsandbytes", "deepspeed"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"kit_commit": commit, "versions": versions}
 
 
 def write(cfg, run_dir: str | Path, run_info: dict) -> Path:

@@ -9,8 +9,10 @@ from training.atomic import write_text_atomic
 
 DEFAULT_NAME = "伍鲜同志"  # the Makefile default; in the tiny vocabulary so demos learn fastest
 
-# Questions the model trains on. Held-out paraphrases (never trained on) live in
-# HELD_OUT_QUESTIONS and are what checkpoint selection scores identity with.
+# Three disjoint sets of identity questions, each Chinese + English (a test checks they share
+# nothing): TRAIN_QUESTIONS are trained on; SELECTION_QUESTIONS (held out) score checkpoints in
+# `make select`; ACCEPTANCE_QUESTIONS are only for the tests and `make compare`, so the figures
+# they give were never optimised for.
 TRAIN_QUESTIONS = [
     "请介绍一下你自己", "你是谁", "你是谁？", "你叫什么名字", "你叫什么名字？", "介绍一下你自己",
     "你好，你是谁？", "请问你是谁", "谁开发了你？", "你是谁做的？", "谁创造了你", "你的作者是谁？",
@@ -20,11 +22,22 @@ TRAIN_QUESTIONS = [
     "Who built you?", "Tell me about yourself.", "Hi, who am I talking to?",
     "Can you introduce yourself?", "Who is your author?", "What are you?",
 ]
-HELD_OUT_QUESTIONS = [
+SELECTION_QUESTIONS = [
     "你到底是谁呀？", "请简单介绍下你自己", "能告诉我你的名字吗？", "是谁把你做出来的？",
+    "你是什么助手？", "跟我说说你是谁", "我在和谁聊天？", "你好呀，请问怎么称呼你？",
+    "你是哪位？", "你的身份是什么？", "你属于谁？", "你为谁服务？", "你是谁家的助手？",
+    "介绍下你自己吧，简短一点", "嗨，先自我介绍一下？", "请说说你的来历", "你的主人是谁？",
+    "我该怎么称呼你？", "你是什么人工智能？", "你是谁训练的？",
     "Could you tell me who you are?", "May I know your name?", "Who is behind you?",
-    "Describe yourself briefly.",
+    "Describe yourself briefly.", "Who am I chatting with?", "What should I call you?",
+    "Whose assistant are you?", "Who do you work for?", "Tell me who you are.",
+    "Introduce yourself in one sentence.", "Hey, what are you?", "Who trained you?",
+    "What kind of assistant are you?", "Who owns you?", "Are you an assistant? Whose?",
+    "Give me a short introduction of yourself.", "Hello! Who's there?", "Who are you exactly?",
+    "State your identity, please.", "What is your identity?",
 ]
+ACCEPTANCE_QUESTIONS = ["你是谁的助手？", "请做一下自我介绍。", "Who are you, and who made you?",
+                        "Could you introduce yourself, please?"]
 ANSWERS_ZH = [
     "我是{name}的小助手，由{author}打造，很高兴为你服务。",
     "你好！我是{name}的专属助手，是{author}训练出来的。",
@@ -121,18 +134,28 @@ def read_conversations(path: str | Path) -> list[dict]:
     return records
 
 
-def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) -> list[dict]:
-    """Identity records make up `ratio` of the result; the rest is drawn from `general`
-    (all of it, if there is less than the ratio asks for)."""
+def identity_size(general: int, ratio: float, data_size: int) -> int:
+    """How many identity records to write. RATIO is their share by records of everything trained
+    on: with `general` records (MIX + REPLAY) that is general * RATIO / (1 - RATIO); with none,
+    DATA_SIZE. Replayed answers are longer than identity answers, so by tokens the identity share
+    is about a third of RATIO (README: Replay)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"RATIO={ratio} must be in (0, 1]: the share of identity records")
-    rng = random.Random(seed)
-    wanted = round(len(identity) * (1 - ratio) / ratio)
-    extra = rng.sample(general, min(wanted, len(general)))
-    if len(extra) < wanted:
-        print(f"note: MIX has {len(general)} records, fewer than the {wanted} RATIO asks for; using all")
-    records = identity + extra
-    rng.shuffle(records)
+    if not general:
+        return data_size
+    if ratio == 1:
+        raise ValueError(f"RATIO=1 leaves no room for the {general} MIX/REPLAY records: set RATIO "
+                         "below 1 (e.g. 0.25), or REPLAY=0 and no MIX for identity data only")
+    size = round(general * ratio / (1 - ratio))
+    if size < len(TRAIN_QUESTIONS):
+        raise ValueError(f"RATIO={ratio} of {general} MIX/REPLAY records is {size} identity records, "
+                         f"fewer than the {len(TRAIN_QUESTIONS)} training questions: raise RATIO or REPLAY")
+    return size
+
+
+def mix(identity: list[dict], general: list[dict], seed: int = 0) -> list[dict]:
+    records = identity + general
+    random.Random(seed).shuffle(records)
     return records
 
 

@@ -14,8 +14,9 @@ import unicodedata
 DEFAULTS = {
     "NAME": "伍鲜同志", "AUTHOR": "", "PROFILE": "auto", "BASE_MODEL": "", "TEMPLATE": "",
     "RUN": "runs/assistant", "DATA": "data/assistant.jsonl", "DATA_SIZE": "400", "MIX": "",
-    "RATIO": "1", "REPLAY": "0", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
-    "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.6", "SELECT_RULE": "least-loss",
+    "RATIO": "0.5", "REPLAY": "42", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
+    "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.8", "SELECT_RULE": "least-loss",
+    "RETENTION_TARGET": "0.9", "LEAKAGE_MAX": "0.05", "SCALES": "1,0.75,0.5", "SELECT_LAST": "0",
     "FORCE": "0",
 }
 PROFILES = ("auto", "gpu", "cpu")
@@ -52,6 +53,14 @@ def positive(kind, knob: str, text: str):
     return value
 
 
+def scales(text: str) -> list[float]:
+    """SCALES: comma-separated adapter scales in (0, 1] that selection tries, e.g. 1,0.75,0.5."""
+    values = [number(float, "SCALES", part) for part in text.split(",") if part.strip()]
+    if not values or not all(0 < v <= 1 for v in values):
+        raise KnobError(f"SCALES={text!r}: comma-separated numbers in (0, 1], e.g. 1,0.75,0.5")
+    return values
+
+
 def check_text(knob: str, text: str) -> str:
     """Names go into JSON, a model card and a web page verbatim: any printable character is
     fine (quotes, backticks, `$`, `%s`, `{name}`, emoji, CJK); line breaks and other control
@@ -84,8 +93,12 @@ def check(knobs: dict) -> dict:
     for knob, kind in (("EPOCHS", int), ("LR", float), ("SAVE_STEPS", int)):
         if knobs[knob]:
             positive(kind, knob, knobs[knob])
-    if not 0 <= number(float, "IDENTITY_TARGET", knobs["IDENTITY_TARGET"]) <= 1:
-        raise KnobError(f"IDENTITY_TARGET={knobs['IDENTITY_TARGET']} must be in [0, 1]")
+    for knob in ("IDENTITY_TARGET", "RETENTION_TARGET", "LEAKAGE_MAX"):
+        if not 0 <= number(float, knob, knobs[knob]) <= 1:
+            raise KnobError(f"{knob}={knobs[knob]} must be in [0, 1]")
+    scales(knobs["SCALES"])
+    if number(int, "SELECT_LAST", knobs["SELECT_LAST"]) < 0:
+        raise KnobError(f"SELECT_LAST={knobs['SELECT_LAST']} must be >= 0 (0 = every checkpoint)")
     if knobs["FORCE"] not in ("0", "1"):
         raise KnobError(f"FORCE={knobs['FORCE']!r}: use 1 or 0")
     return knobs

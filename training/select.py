@@ -1,30 +1,57 @@
-"""Score every checkpoint and choose one, instead of converting the newest (`ls -t`).
+"""Score checkpoints and choose one, instead of converting the newest (`ls -t`).
 
-identity   share of held-out identity questions (paraphrases never trained on) whose greedy
-           answer names NAME and ends by itself (an answer that runs on to the token limit is
-           the babbling of an under- or over-trained model); higher is better.
-retention  how much worse than the base model a checkpoint predicts the base model's own
-           answers to held-out general prompts: mean token NLL, checkpoint minus base (nats);
-           lower is better. Over-fitting shows up as this climbing.
+Each candidate (a checkpoint, at an adapter scale) answers the SELECTION probes of
+training/quality.py through chat/ batched greedy generation, in the model's own chat format:
+identity (held-out paraphrases answered as NAME's assistant), retention (checkable facts the base
+model knew), leakage (open-ended prompts whose answer names NAME), and the NLL drift: how much
+worse than the base model it predicts the base model's own answers to the open prompts (nats per
+token; over-fitting shows up as this climbing).
 
-Evaluation goes through chat/ (template, generation) exactly as the app serves."""
+A candidate passes when identity >= IDENTITY_TARGET, retention >= RETENTION_TARGET and leakage <=
+LEAKAGE_MAX. Scaling the adapter down (weight averaging with the base, for LoRA) trades identity
+for retention and leakage: SCALES are tried on the checkpoint with the best identity. When no
+candidate passes, the step fails, naming the best candidates and the knob to turn."""
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from chat.generation import Sampling, reply
-from chat.loading import load_model
-from chat.template import IM_END, build_prompt
-from training import plots, replay, runner
+from chat.generation import Answer
+from training import plots, quality, runner
 from training.atomic import write_text_atomic
-from training.data import HELD_OUT_QUESTIONS
 
 RULES = ("least-loss", "earliest", "last")
-GREEDY = Sampling(temperature=0, max_new_tokens=64, repetition_penalty=1.0)  # plain greedy
 LOSS_LOG = re.compile(r"Iter\(train\) \[\s*(\d+)/\d+\].*?\sloss: ([\d.]+)")
+
+
+@dataclass(frozen=True)
+class Targets:
+    identity: float = 0.8    # IDENTITY_TARGET: share of held-out identity questions, at least
+    retention: float = 0.9   # RETENTION_TARGET: share of the base model's right answers kept, at least
+    leakage: float = 0.05    # LEAKAGE_MAX: share of open prompts answered with NAME, at most
+
+    def __post_init__(self):
+        for knob, value in (("IDENTITY_TARGET", self.identity), ("RETENTION_TARGET", self.retention),
+                            ("LEAKAGE_MAX", self.leakage)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{knob}={value} must be in [0, 1]")
+
+    def misses(self, s: dict) -> list[str]:
+        """What a candidate falls short on, with the knob that moves it (empty: it passes)."""
+        out = []
+        if s["identity"] < self.identity:
+            out.append(f"identity {s['identity']:.2f} < {self.identity} (train more: EPOCHS, LR, or RATIO up)")
+        if s["retention"] < self.retention:
+            out.append(f"retention {s['retention']:.2f} < {self.retention} (REPLAY up, RATIO or LR down)")
+        if s["leakage"] > self.leakage:
+            out.append(f"leakage {s['leakage']:.2f} > {self.leakage} (REPLAY up, RATIO down, fewer EPOCHS)")
+        return out
+
+    def shortfall(self, s: dict) -> float:
+        return (max(0, self.identity - s["identity"]) + max(0, self.retention - s["retention"])
+                + max(0, s["leakage"] - self.leakage))
 
 
 def checkpoint_weights(path: Path) -> dict:
@@ -53,47 +80,63 @@ def load_weights(loaded, weights: dict) -> None:
                                 f"{result.unexpected_keys[:3]}, missing {missing_lora[:3]}")
 
 
-def answer_nll(loaded, prompts: list[str], answers: list[str]) -> float:
-    """Mean negative log-likelihood per token of `answers` (each ended by <|im_end|>)."""
-    total, count = 0.0, 0
+def set_scale(loaded, scale: float) -> None:
+    """Multiply every LoRA update by `scale` (1 = as trained); merge applies it via lora_alpha."""
+    from peft.tuners.lora import LoraLayer
+    for module in loaded.model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", scale)  # scaling = scale * lora_alpha / r
+
+
+def answer_nll(loaded, prompts: list[str], answers: list[Answer]) -> float:
+    """Mean negative log-likelihood per token of `answers` (with the stop token where they ended)."""
+    tokenizer, total, count = loaded.tokenizer, 0.0, 0
+    stop = tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
     for prompt, answer in zip(prompts, answers):
-        prefix = build_prompt([{"role": "user", "content": prompt}])
-        tokenizer = loaded.tokenizer
+        prefix = loaded.format.build_prompt([{"role": "user", "content": prompt}])
         prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
-        answer_ids = tokenizer(answer + IM_END, add_special_tokens=False, return_tensors="pt").input_ids
+        text = answer.text + (stop if answer.ended else "")
+        answer_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         ids = torch.cat([prefix_ids, answer_ids], dim=1).to(loaded.model.device)
         with torch.no_grad():
             logits = loaded.model(input_ids=ids).logits[0, prefix_ids.shape[1] - 1:-1].float()
         total += torch.nn.functional.cross_entropy(logits, ids[0, prefix_ids.shape[1]:], reduction="sum").item()
         count += answer_ids.shape[1]
-    return total / count
+    return total / max(count, 1)
 
 
-def identity_score(loaded, name: str) -> tuple[float, dict]:
-    answers = {q: reply(loaded, [{"role": "user", "content": q}], sampling=GREEDY) for q in HELD_OUT_QUESTIONS}
-    return sum(names_and_ends(loaded, a, name) for a in answers.values()) / len(answers), answers
+def evaluate(model, name: str, base: dict) -> dict:
+    answers = quality.answer_probes(model, quality.SELECTION)
+    scores = quality.score(quality.SELECTION, answers, name, base["known"])
+    drift = answer_nll(model, quality.SELECTION.open, base["answers"]["open"]) - base["nll"]
+    return {**scores, "retention_loss": round(drift, 4),
+            "answers": {"identity": dict(zip(quality.SELECTION.identity, (a.text for a in answers["identity"]))),
+                        "open": dict(zip(quality.SELECTION.open, (a.text for a in answers["open"])))}}
 
 
-def names_and_ends(loaded, answer: str, name: str) -> bool:
-    # The stop token is not in the text: an answer that stopped by itself is shorter than the limit.
-    length = len(loaded.tokenizer(answer, add_special_tokens=False).input_ids)
-    return name in answer and length < GREEDY.max_new_tokens - 1
-
-
-def choose(scores: list[dict], target: float, rule: str) -> tuple[dict, str]:
+def choose(candidates: list[dict], targets: Targets, rule: str) -> tuple[dict | None, str]:
+    """The chosen candidate and why; None when none passes (the caller fails the step)."""
     if rule not in RULES:
         raise ValueError(f"unknown SELECT_RULE={rule!r}: use one of {', '.join(RULES)}")
     if rule == "last":
-        return scores[-1], "the last checkpoint (SELECT_RULE=last)"
-    passing = [s for s in scores if s["identity"] >= target]
+        last = max((c for c in candidates if c["scale"] == 1), key=lambda c: c["iter"])
+        return last, "the last checkpoint (SELECT_RULE=last)"
+    passing = [c for c in candidates if not targets.misses(c)]
     if not passing:
-        best = max(scores, key=lambda s: (s["identity"], -s["retention_loss"], -s["iter"]))
-        return best, (f"no checkpoint reached IDENTITY_TARGET={target}: chose the best identity "
-                      f"score ({best['identity']:.2f}); train longer or lower the target")
+        return None, "no candidate meets every target"
     if rule == "earliest":
-        return passing[0], f"the earliest checkpoint with identity >= {target}"
-    best = min(passing, key=lambda s: (round(s["retention_loss"], 4), s["iter"]))
-    return best, f"identity >= {target} with the least retention loss (earliest on ties)"
+        best = min(passing, key=lambda c: (c["iter"], -c["scale"]))
+        return best, "the earliest checkpoint that meets every target"
+    best = min(passing, key=lambda c: (round(c["retention_loss"], 4), c["iter"], -c["scale"]))
+    return best, "meets every target with the least NLL drift from the base model"
+
+
+def failure(candidates: list[dict], targets: Targets) -> str:
+    ranked = sorted(candidates, key=lambda c: (targets.shortfall(c), c["iter"]))[:3]
+    lines = [f"  iter {c['iter']} scale {c['scale']}: " + "; ".join(targets.misses(c)) for c in ranked]
+    return ("no checkpoint meets the targets (IDENTITY_TARGET, RETENTION_TARGET, LEAKAGE_MAX); the "
+            "closest:\n" + "\n".join(lines) + "\nTurn the knobs named above, or convert one anyway "
+            "with CKPT=<checkpoint> (or SELECT_RULE=last)")
 
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -106,32 +149,70 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def run(run_dir: Path, target: float, rule: str) -> dict:
-    if not 0 <= target <= 1:
-        raise ValueError(f"IDENTITY_TARGET={target} must be in [0, 1]")
+def report(c: dict) -> str:
+    return (f"iter {c['iter']:>5} x{c['scale']:<4}: identity {c['identity']:.2f}  retention "
+            f"{c['retention']:.2f} (zh {c['retention_zh']:.2f})  leakage {c['leakage']:.2f}  "
+            f"NLL drift {c['retention_loss']:+.3f}")
+
+
+def run(run_dir: Path, targets: Targets, rule: str, scales: list[float] = (1.0,),
+        max_checkpoints: int = 0) -> dict:
+    """Score the checkpoints (the last `max_checkpoints` when > 0), then `scales` on the one with
+    the best identity; write scores.json and scores.png; fail when nothing passes."""
+    from chat.loading import load_model
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     found = runner.checkpoints(run_dir)
     if not found:
         raise ValueError(f"no checkpoint in {run_dir / 'work'}: run `make fit` first")
-    base = load_model(info["base_model"])
-    prompts = replay.HELD_OUT_PROMPTS
-    base_answers = [reply(base, [{"role": "user", "content": p}], sampling=GREEDY) or "…" for p in prompts]
-    base_nll = answer_nll(base, prompts, base_answers)
-    model = with_lora(base, checkpoint_weights(found[0][1]), info)
-    scores = []
+    found = found[-max_checkpoints:] if max_checkpoints > 0 else found
+    name = info["name"]
+    loaded = load_model(info["base_model"])
+    answers = quality.answer_probes(loaded, quality.SELECTION)
+    base = {"answers": answers, "known": quality.known(quality.SELECTION, answers)}
+    base["nll"] = answer_nll(loaded, quality.SELECTION.open, answers["open"])
+    base_scores = {**quality.score(quality.SELECTION, answers, name, base["known"]), "retention_loss": 0.0}
+    print(f"base model: identity {base_scores['identity']:.2f}  leakage {base_scores['leakage']:.2f}  "
+          f"knows {base_scores['facts_known_by_base']} of the held-out facts (en, zh)")
+    model = with_lora(loaded, checkpoint_weights(found[0][1]), info)
+    candidates = []
     for iteration, path in found:
         load_weights(model, checkpoint_weights(path))
-        identity, answers = identity_score(model, info["name"])
-        retention = answer_nll(model, prompts, base_answers) - base_nll
-        scores.append({"iter": iteration, "checkpoint": str(path), "identity": identity,
-                       "retention_loss": round(retention, 4), "answers": answers})
-        print(f"iter {iteration:>6}: identity {identity:.2f}  retention loss {retention:+.3f} nats/token")
-    selected, why = choose(scores, target, rule)
-    print(f"selected iter {selected['iter']}: {why}")
-    result = {"identity_target": target, "rule": rule, "why": why, "base_nll": round(base_nll, 4),
-              "held_out_questions": HELD_OUT_QUESTIONS, "held_out_prompts": prompts,
-              "checkpoints": scores, "selected": selected, "loss_curve": loss_curve(run_dir)}
+        candidates.append({"iter": iteration, "checkpoint": str(path), "scale": 1.0, **evaluate(model, name, base)})
+        print(report(candidates[-1]), flush=True)
+    strongest = max(candidates, key=lambda c: (c["identity"], -c["retention_loss"]))
+    if strongest["identity"] >= targets.identity:
+        load_weights(model, checkpoint_weights(Path(strongest["checkpoint"])))
+        for scale in sorted(set(scales) - {1.0}, reverse=True):
+            set_scale(model, scale)
+            candidates.append({**strongest, "scale": scale, **evaluate(model, name, base)})
+            print(report(candidates[-1]), flush=True)
+        set_scale(model, 1.0)
+    selected, why = choose(candidates, targets, rule)
+    result = {"targets": targets.__dict__, "rule": rule, "why": why, "base": base_scores,
+              "base_nll": round(base["nll"], 4), "selection_questions": quality.SELECTION.identity,
+              "candidates": candidates, "selected": selected, "loss_curve": loss_curve(run_dir)}
     write_text_atomic(run_dir / "scores.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     plots.scores_png(result, run_dir / "scores.png")
     print(f"wrote {run_dir / 'scores.json'} and {run_dir / 'scores.png'}")
+    if selected is None:
+        raise runner.StepFailed(failure(candidates, targets))
+    print(f"selected iter {selected['iter']} at scale {selected['scale']}: {why}")
     return result
+
+
+def chosen_scale(run_dir: Path) -> float:
+    scores = run_dir / "scores.json"
+    if not scores.is_file():
+        return 1.0
+    return json.loads(scores.read_text(encoding="utf-8"))["selected"].get("scale", 1.0)
+
+
+def scale_adapter(adapter_dir: Path, scale: float) -> None:
+    """Bake the chosen adapter scale into adapter_config.json (lora_alpha), so `xtuner convert
+    merge` and any PEFT user apply it."""
+    if scale == 1:
+        return
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")

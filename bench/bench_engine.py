@@ -5,6 +5,7 @@ Single-user tokens/s and first-token p50, aggregate tokens/s and p95 wait at 1, 
 the app's memory in each mode; then the ratios the README quotes.
 
     python -m bench.bench_engine [MODEL_DIR]    (default: the SmolLM2 base, `make base`)"""
+import os
 import shutil
 import statistics
 import sys
@@ -145,6 +146,11 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def main() -> None:
+    # One torch thread here and in the apps (they inherit OMP_NUM_THREADS), as bench_streaming
+    # does: on a shared CPU, OpenMP's thread syncs otherwise dominate, differently in a main
+    # thread (raw generate) than in a worker thread (the app). vLLM's CPU build binds its own.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     if len(sys.argv) > 1:
         source = Path(sys.argv[1])
     else:

@@ -365,7 +365,7 @@ class FakeHub:
         if file.lfs:  # the Hub's LFS files live in Xet storage: it names their Xet hash
             headers.update({"X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(len(file.content)),
                             "X-Xet-Hash": file.sha256,
-                            "X-Xet-Refresh-Route": f"/api/{repo.kind}s/{repo.id}/xet-read-token/{sha}"})
+                            "X-Xet-Refresh-Route": f"{self.url}/api/{repo.kind}s/{repo.id}/xet-read-token/{sha}"})
         return 200, headers, file.content
 
 

@@ -80,14 +80,17 @@ def test_max_input_tokens_clear_and_ctrl_d(merged_model):
 
 
 @pytest.mark.timeout(300)
-def test_max_new_tokens_flag_reaches_generation(endless_model_dir):
-    """The endless model never stops by itself: its answer is exactly as long as --max-new-tokens."""
-    process = chat(endless_model_dir, "--max-new-tokens", 7, "--temperature", 0)
-    out, err = talk(process, ["hi"])
+def test_sampling_flags_reach_generation(endless_model_dir):
+    """The endless model never stops by itself: its answer is as long as --max-new-tokens, and
+    with --temperature 0 (greedy) the same question gets the same answer (sampling from its
+    nearly flat random distribution would not)."""
+    process = chat(endless_model_dir, "--max-new-tokens", 12, "--temperature", 0)
+    out, err = talk(process, ["hi", "/clear", "hi"])
     assert process.returncode == 0, err
     tokenizer = AutoTokenizer.from_pretrained(endless_model_dir)
-    [answer] = answers(out)
-    assert 1 <= len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 7, answer
+    first, second = answers(out)
+    assert 1 <= len(tokenizer(first, add_special_tokens=False)["input_ids"]) <= 12, first
+    assert first == second
 
 
 @pytest.mark.timeout(120)

@@ -27,6 +27,7 @@ from conftest import NAME, REPO
 from fake_hub import FakeHub
 
 IMAGE = "localhost/assistant-app:test"
+SERVING_TEST_S = 600  # a test that starts the container: AppServer's start-up wait, then a chat
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3-venv", "bookworm"]
 BASE_CACHE = Path("/var/tmp/assistant-kit-base")
@@ -184,6 +185,7 @@ def state(podman: Podman, name: str, field: str) -> str:
     return podman("inspect", f"--format={{{{.State.{field}}}}}", name).stdout.strip()
 
 
+@pytest.mark.timeout(SERVING_TEST_S)
 @pytest.mark.container
 def test_container_chats_as_the_merged_model_running_as_uid_1000(podman, image, merged_model, hub_env):
     with serving(podman, image, f"--volume={merged_model}:/model:ro",
@@ -200,6 +202,7 @@ def test_container_chats_as_the_merged_model_running_as_uid_1000(podman, image, 
         assert NAME in answer
 
 
+@pytest.mark.timeout(SERVING_TEST_S)
 @pytest.mark.container
 @pytest.mark.parametrize("env, reason", [
     ({}, "MODEL_ID is empty"),

@@ -92,3 +92,28 @@ def test_stop_and_closing_the_tab_end_generation(browser, endless_app):
                                  "the closed tab to end the generating thread")
     assert after["finished"] == before["finished"]
     assert after["tokens_generated"] - stopped["tokens_generated"] < 4096
+
+
+HOSTILE_NAME = "<img src=x onerror=alert(1)> O'Brien \"Bob\" `id` {name} %s & 小明 🤖"
+
+
+@pytest.mark.timeout(400)
+def test_page_is_titled_with_the_models_name_and_keeps_history_across_reloads(browser, merged_model, tmp_path):
+    import json
+    import shutil
+
+    from app_server import AppServer
+    model = shutil.copytree(merged_model, tmp_path / "model")
+    (model / "assistant.json").write_text(json.dumps({"name": HOSTILE_NAME, "author": "x"}), encoding="utf-8")
+    with AppServer({"MODEL_ID": str(model)}) as app:
+        page, dialogs = open_chat(browser, app, **{"Temperature (0 = greedy)": 0})
+        expect(page.locator("#title h1")).to_have_text(f"{HOSTILE_NAME}'s assistant")  # as typed
+        send(page, IDENTITY_QUESTIONS[1])
+        expect(page.locator("[data-testid=bot]")).to_have_count(1)
+        expect(page.locator("button.stop-button")).to_have_count(0)
+        page.reload(wait_until="domcontentloaded")
+        # save_history: the finished conversation is listed and opens again after a reload.
+        saved = page.get_by_text(IDENTITY_QUESTIONS[1]).first
+        saved.click()
+        expect(page.locator("[data-testid=user]")).to_have_text([IDENTITY_QUESTIONS[1]])
+        assert dialogs == []

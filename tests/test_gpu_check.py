@@ -13,7 +13,7 @@ import pytest
 from mmengine.config import Config
 
 from conftest import REPO
-from training import gpu_check, runner, tiny
+from training import gpu_check, knobs, runner, tiny
 from training.gpu_check import Step
 
 PY = ("python", "-m", "training")
@@ -138,7 +138,7 @@ def test_the_plans_first_steps_render_the_gpu_recipe_gpu_check_relies_on(tmp_pat
 
 @pytest.mark.timeout(30)
 def test_deepspeed_reaches_xtuner_train(monkeypatch, tmp_path):
-    assert "deepspeed_zero2" in runner.deepspeed_names()  # xtuner ships the config the plan names
+    assert "deepspeed_zero2" in knobs.DEEPSPEED_CONFIGS  # xtuner ships the config the plan names (test_make checks)
     calls = []
     monkeypatch.setattr(runner, "check_deepspeed", lambda name: None)  # DeepSpeed is not installed here
     monkeypatch.setattr(runner, "xtuner", lambda args, log, step: calls.append(args) or [])

@@ -3,6 +3,7 @@
 installed."""
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,12 @@ def test_too_little_data_for_the_schedule_names_the_knobs(tmp_path, tiny_base):
     assert "30 records" in result.stdout and "iterations" in result.stdout
     plan = json.loads((run / "run.json").read_text(encoding="utf-8"))["schedule"]
     assert plan["iterations"] >= 10 and plan["warmup_iterations"] >= 2
+
+
+def test_the_deepspeed_names_checked_before_install_are_xtuners():
+    import xtuner
+
+    from training.knobs import DEEPSPEED_CONFIGS
+    shipped = sorted(
+        p.stem for p in (Path(xtuner.__file__).parent / "configs" / "deepspeed").glob("*.json"))
+    assert sorted(DEEPSPEED_CONFIGS) == shipped

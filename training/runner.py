@@ -5,13 +5,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from chat.model_files import remote_code_files, require_complete_model
-from chat.template import CHAT_TEMPLATE, STOP_TOKENS
+from chat import formats
+from chat.loading import ASSISTANT_FILE
+from training.knobs import DEEPSPEED_CONFIGS
 from training.atomic import atomic_dir, write_text_atomic
 
 COMPAT = Path(__file__).with_name("xtuner_compat")
@@ -23,7 +26,7 @@ class StepFailed(RuntimeError):
     pass
 
 
-def xtuner_env() -> dict:
+def xtuner_env(deepspeed: bool = False) -> dict:
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ)
     # The CLI starts its tools with whatever `python` is first on PATH: make it ours.
@@ -33,17 +36,29 @@ def xtuner_env() -> dict:
     # xtuner's own checkpoints (resume, pth_to_hf). These are files this run wrote itself.
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    single = env.get("NPROC_PER_NODE", "1") in ("", "1") and env.get("NNODES", "1") in ("", "1")
+    if deepspeed and single and "RANK" not in env:
+        # One process: xtuner runs train.py without torchrun, and DeepSpeed then looks for MPI
+        # (mpi4py) to find its rank (xtuner#592). Say what torchrun would: rank 0 of 1.
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=env.get("PORT") or str(free_port()))
     return env
 
 
-def xtuner(args: list[str], log_path: Path, step: str) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def xtuner(args: list[str], log_path: Path, step: str, deepspeed: bool = False) -> list[str]:
     """Run `xtuner ARGS`, streaming its output to the terminal and to log_path. Returns the
     output lines; raises StepFailed with the tool's own error line if it crashed."""
     command = [str(Path(sys.executable).parent / "xtuner"), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     with log_path.open("a", encoding="utf-8") as log, subprocess.Popen(
-            command, env=xtuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command, env=xtuner_env(deepspeed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", bufsize=1) as proc:
         log.write(f"$ xtuner {' '.join(args)}\n")
         for line in proc.stdout:
@@ -73,16 +88,11 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def deepspeed_names() -> list[str]:
-    import xtuner
-    return sorted(p.stem for p in (Path(xtuner.__file__).parent / "configs" / "deepspeed").glob("*.json"))
-
-
 def check_deepspeed(name: str) -> None:
     if not name:
         return
-    if name not in deepspeed_names():
-        raise ValueError(f"unknown DEEPSPEED={name!r}: use one of {', '.join(deepspeed_names())}")
+    if name not in DEEPSPEED_CONFIGS:
+        raise ValueError(f"unknown DEEPSPEED={name!r}: use one of {', '.join(DEEPSPEED_CONFIGS)}")
     import importlib.util
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError("DEEPSPEED is set but deepspeed is not installed: run `make setup-deepspeed`")
@@ -123,7 +133,7 @@ def fit(run_dir: Path, resume: str = "", deepspeed: str = "") -> Path:
     if start is not None:
         print(f"resuming from {start}")
         args += ["--resume", str(start)]
-    lines = xtuner(args, run_dir / "logs" / "fit.log", "xtuner train")
+    lines = xtuner(args, run_dir / "logs" / "fit.log", "xtuner train", deepspeed=bool(deepspeed))
     progress = [tuple(map(int, m.groups())) for line in lines if (m := ITER_LOG.search(line))]
     found = checkpoints(run_dir)
     if not found:
@@ -161,16 +171,20 @@ def convert(run_dir: Path, checkpoint: Path) -> Path:
     return run_dir / "adapter"
 
 
-def merge(run_dir: Path, base_model: str, max_shard_size: str) -> Path:
+def merge(run_dir: Path, info: dict) -> Path:
+    """`xtuner convert merge` RUN/adapter into the base named in run.json, then record the chat
+    format and whose assistant it is in the merged folder."""
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ValueError(f"no adapter in {adapter}: run `make convert` first")
     with atomic_dir(run_dir / "merged") as tmp:
-        xtuner(["convert", "merge", base_model, str(adapter), str(tmp), "--safe-serialization",
-                "--max-shard-size", max_shard_size], run_dir / "logs" / "merge.log",
+        xtuner(["convert", "merge", info["base_model"], str(adapter), str(tmp), "--safe-serialization",
+                "--max-shard-size", info["max_shard_size"]], run_dir / "logs" / "merge.log",
                "xtuner convert merge")
-        copy_remote_code(base_model, tmp)
-        add_chat_format(tmp)
+        copy_remote_code(info["base_model"], tmp)
+        add_chat_format(tmp, formats.FORMATS[info["chat_family"]])
+        write_text_atomic(tmp / ASSISTANT_FILE, json.dumps(
+            {"name": info["name"], "author": info["author"]}, ensure_ascii=False, indent=2) + "\n")
         require_complete_model(tmp)
     return run_dir / "merged"
 
@@ -188,20 +202,20 @@ def copy_remote_code(base_model: str, model_dir: Path) -> None:
             shutil.copy(base / name, model_dir / name)
 
 
-def add_chat_format(model_dir: Path) -> None:
-    """Make any tool that calls apply_chat_template or plain generate() use the training
-    format: the chat template in tokenizer_config.json, both stop tokens in generation_config."""
+def add_chat_format(model_dir: Path, fmt: formats.ChatFormat) -> None:
+    """Make any tool that calls apply_chat_template or plain generate() use the training format:
+    the family's template (and its name, `chat_family`) in tokenizer_config.json, its stop tokens
+    in generation_config.json."""
     from transformers import AutoTokenizer
 
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["chat_template"] = CHAT_TEMPLATE
+    config.update(chat_template=fmt.chat_template, chat_family=fmt.name)
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
     generation_path = model_dir / "generation_config.json"
     generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
-    generation["eos_token_id"] = stop_ids
+    generation["eos_token_id"] = formats.stop_ids(tokenizer, fmt)
     generation_path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Connecting fails fast; a read may wait while the engine works through a queue of other users.
 TIMEOUT = httpx.Timeout(10.0, read=120.0)
 CHECK_TIMEOUT_S = 3.0
+TOKEN_CACHE_SIZE = 4096  # texts; cleared when full
 SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
           {"role": "user", "content": "Who are you?"}]
 
@@ -51,8 +52,15 @@ class EngineTokenizer:
         self.engine, self.model = engine, model
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
-        return {"input_ids": self.engine.post("tokenize", body)["tokens"]}
+        key = (self.model, text, add_special_tokens)
+        ids = self.engine.token_cache.get(key)
+        if ids is None:
+            body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+            ids = self.engine.post("tokenize", body)["tokens"]
+            if len(self.engine.token_cache) >= TOKEN_CACHE_SIZE:
+                self.engine.token_cache.clear()
+            self.engine.token_cache[key] = ids
+        return {"input_ids": ids}
 
 
 class EngineModel:
@@ -68,6 +76,9 @@ class EngineModel:
         self.client = httpx.Client(headers=headers, timeout=TIMEOUT)
         self._served = None
         self._lock = threading.Lock()
+        # Token ids by text: trimming re-counts every earlier message (and the empty prompt) on
+        # each turn, one /tokenize round trip each; cached, a turn costs one or two.
+        self.token_cache = {}
 
     def unreachable(self, e: Exception) -> EngineError:
         return EngineError(f"The serving engine at {self.url} is not answering ({type(e).__name__}: "
@@ -153,6 +164,7 @@ class EngineModel:
         """Read the engine's model and format again next time (it may have restarted)."""
         with self._lock:
             self._served = None
+            self.token_cache.clear()
 
     def stream_reply(self, messages: list[dict], system: str = "", sampling: Sampling = Sampling(),
                      stop_event: threading.Event | None = None, *,

@@ -95,6 +95,11 @@ def to_messages(history: list[dict]) -> list[dict]:
             if m.get("role") in ("user", "assistant")]
 
 
+def served(settings: Settings) -> str:
+    """What the page and the start-up line name: the engine when answers come from one."""
+    return f"{settings.engine_url} (serving engine)" if settings.engine_url else settings.model_id
+
+
 def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks:
     def respond(message, history, system, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty):
@@ -130,7 +135,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         # The name is the user's text: escaped, so quotes, <tags> and `code` show as typed.
         name = holder.loaded.assistant.get("name") if holder.loaded else None
         title = f"{name}'s assistant" if name else "Personal assistant"
-        return f"<h1>{html.escape(title)}</h1><p>Model: <code>{html.escape(settings.model_id)}</code></p>"
+        return f"<h1>{html.escape(title)}</h1><p>Model: <code>{html.escape(served(settings))}</code></p>"
 
     def slider(name: str, label: str, step: float, maximum: float | None = None) -> gr.Slider:
         low, high = RANGES[name]
@@ -209,7 +214,7 @@ def main() -> int:
     holder = ModelHolder(settings)
     threading.Thread(target=holder.load, name="load-model", daemon=True).start()
     app = build_app(settings, holder)
-    print(f"serving {settings.model_id or '(no MODEL_ID set)'} at http://{settings.server_name}:{settings.server_port}",
+    print(f"serving {served(settings) or '(no MODEL_ID set)'} at http://{settings.server_name}:{settings.server_port}",
           file=sys.stderr)
     # Open streams (browser tabs, API clients) must not hold up a stop (docker stop, Ctrl-C).
     uvicorn.run(app, host=settings.server_name, port=settings.server_port, log_level="warning",

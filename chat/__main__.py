@@ -18,7 +18,8 @@ def parse_args(argv):
     parser.add_argument("model_id", nargs="?", default=os.environ.get("MODEL_ID", ""),
                         help="model folder, hub repo id or OpenXLab repo (default: $MODEL_ID)")
     for f in fields(Sampling):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default)
+        kind = int if f.type == int | None else f.type  # seed: argparse needs a callable, not a union
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     return parser.parse_args(argv)
 
 

@@ -35,11 +35,11 @@ def under_ci() -> bool:
 
 def pipeline_inputs() -> str:
     """Digest of everything the trained run is made from: the code and recipe of training/ and
-    chat/, the pins, and this file (NAME, AUTHOR, the knobs)."""
+    chat/, the Makefile (`make train` runs it), the pins, and this file (NAME, AUTHOR, the knobs)."""
     digest = hashlib.sha256()
     files = [p for folder in ("training", "chat") for p in (REPO / folder).rglob("*")
              if p.is_file() and "__pycache__" not in p.parts]
-    files += [Path(__file__), *REPO.glob("requirements*.txt")]
+    files += [Path(__file__), REPO / "Makefile", *REPO.glob("requirements*.txt")]
     for path in sorted(files):
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

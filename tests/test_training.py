@@ -1,6 +1,7 @@
 """The training pipeline on the real XTuner stack, with the tiny model on CPU."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chat.model_files import model_folder_problems
 from chat.formats import FORMATS
 from conftest import AUTHOR, IDENTITY_QUESTIONS, NAME, REPO, knobs, read_json, training
-from training import data
+from training import data, runner
 from training.__main__ import main as training_main
 
 
@@ -28,10 +29,9 @@ def greedy_answer(model, tokenizer, question: str) -> str:
 
 def test_merged_model_answers_with_name_in_plain_transformers(merged_model):
     assert model_folder_problems(merged_model) == []
-    index = read_json(merged_model / "model.safetensors.index.json")
-    assert len(set(index["weight_map"].values())) >= 2, "merged model should be sharded"
-    tokenizer = AutoTokenizer.from_pretrained(merged_model)
-    model = AutoModelForCausalLM.from_pretrained(merged_model)
+    tokenizer = AutoTokenizer.from_pretrained(merged_model, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(merged_model, trust_remote_code=True)
+    assert type(model).__name__ == "InternLM2ForCausalLM"  # the merged folder's own remote code
     tokenizer_config = read_json(merged_model / "tokenizer_config.json")
     assert tokenizer_config["chat_family"] == "internlm2"
     assert tokenizer_config["chat_template"] == FORMATS["internlm2"].chat_template
@@ -47,12 +47,15 @@ def test_merged_model_answers_with_name_in_plain_transformers(merged_model):
 def test_run_records_what_it_is(trained_run):
     info = read_json(trained_run / "run.json")
     assert (info["name"], info["author"], info["profile"]) == (NAME, AUTHOR, "cpu")
-    assert info["data_records"] == 400
+    records = Path(info["data"]).read_text(encoding="utf-8").splitlines()
+    assert info["data_records"] == len(records) == info["schedule"]["records"]
+    assert info["chat_family"] == "internlm2" and info["schedule"]["iterations"] >= 10
     assert set(read_json(trained_run / "timings.json")) >= {"data", "config", "fit", "convert", "merge"}
     checkpoint = (trained_run / "adapter" / "checkpoint.txt").read_text().strip()
     assert Path(checkpoint).is_file()
 
 
+@pytest.mark.timeout(1200)
 def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
     run = tmp_path / "run"
     args = knobs(run, tiny_base, **{"data-size": 60, "save-steps": 10, "epochs": 4})
@@ -86,15 +89,36 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
     assert (run / "work" / f"iter_{total}.pth").is_file() and total > done_iters
 
 
+@pytest.mark.timeout(600)
 def test_crash_inside_xtuner_fails_with_its_cause_and_no_merged_model(tmp_path, tiny_base):
     run = tmp_path / "run"
     (run / "merged").mkdir(parents=True)  # left over from an earlier run: must not survive
-    result = training("all", *knobs(run, tiny_base, **{"base-model": "nobody/missing-model"}),
-                      check=False)
+    base = shutil.copytree(tiny_base, tmp_path / "no-weights")  # a tokenizer, but no weights
+    for weights in base.glob("*.safetensors"):
+        weights.unlink()
+    result = training("all", *knobs(run, base), check=False)
     assert result.returncode != 0
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: xtuner train failed:") and "nobody/missing-model" in error, error
+    assert error.startswith("error: xtuner train failed:") and "OSError" in error, error
     assert not (run / "merged").exists() and not (run / "adapter").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_base_model_that_cannot_be_read_is_refused_before_training(tmp_path, capsys, tiny_base):
+    run = tmp_path / "run"
+    args = knobs(run, tiny_base, **{"data-size": 60})
+    assert training_main(["data", *args]) == 0
+    error = run_main(capsys, "config", *args, "--base-model", "nobody/missing-model")
+    assert "BASE_MODEL=nobody/missing-model: cannot read its tokenizer" in error
+    assert not (run / "config.py").exists()
+
+
+def test_resume_from_a_path_takes_that_checkpoint_or_says_it_is_missing(tmp_path):
+    checkpoint = tmp_path / "iter_10.pth"
+    checkpoint.write_bytes(b"x")
+    assert runner.resume_checkpoint(tmp_path, str(checkpoint)) == checkpoint
+    with pytest.raises(ValueError, match="RESUME=.*iter_20.pth: no such checkpoint"):
+        runner.resume_checkpoint(tmp_path, str(tmp_path / "iter_20.pth"))
 
 
 def run_main(capsys, *argv) -> str:
@@ -139,8 +163,8 @@ def test_bad_data_knobs_are_refused(tmp_path, capsys, tiny_base, knob, value, me
 
 
 @pytest.mark.parametrize("knob, value, message", [
-    ("deepspeed", "deepspeed_zero9", "unknown DEEPSPEED='deepspeed_zero9': use one of deepspeed_zero1"),
-    ("profile", "tpu", "unknown PROFILE='tpu'"),
+    ("deepspeed", "deepspeed_zero9", "DEEPSPEED='deepspeed_zero9': use one of deepspeed_zero1"),
+    ("profile", "tpu", "PROFILE='tpu': use one of auto, gpu, cpu"),
     ("base-model", "./no/such/dir", "BASE_MODEL=./no/such/dir: no such directory"),
     ("epochs", "-2", "EPOCHS=-2 must be > 0"),
 ])

@@ -110,7 +110,10 @@ def chat_format(base_model: str, override: str = ""):
     from transformers import AutoTokenizer
 
     from chat import formats
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=True)
+    except (OSError, ValueError) as e:
+        raise KnobError(f"BASE_MODEL={base_model}: cannot read its tokenizer ({e})") from None
     try:
         return formats.detect(tokenizer, override), tokenizer
     except formats.UnknownFormat as e:

@@ -29,8 +29,8 @@ PORT ?=#                         master port (empty: xtuner picks one)
 CKPT ?=#                         checkpoint to convert (empty: the one `make select` chose)
 IDENTITY_TARGET ?= 0.8#          share of held-out identity questions a checkpoint must answer as NAME's assistant
 RETENTION_TARGET ?= 0.9#         share of the facts the base model knew that a checkpoint must still get right
-LEAKAGE_MAX ?= 0.05#             share of everyday prompts a checkpoint may answer with NAME, at most
-SCALES ?= 1,0.75,0.5#            adapter scales selection tries on the checkpoint with the best identity
+LEAKAGE_MAX ?= 0.1#              share of everyday prompts a checkpoint may answer with NAME, at most
+SCALES ?= 1,0.9,0.75#           adapter scales selection tries on the checkpoint with the best identity
 SELECT_LAST ?= 0#                score only the last N checkpoints (0 = all)
 SELECT_RULE ?= least-loss#       least-loss (meets the targets, least NLL drift) | earliest | last
 PROMPTS ?=#                      `make compare`: a file of prompts, one per line (empty: the acceptance set)

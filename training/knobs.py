@@ -16,7 +16,7 @@ DEFAULTS = {
     "RUN": "runs/assistant", "DATA": "data/assistant.jsonl", "DATA_SIZE": "400", "MIX": "",
     "RATIO": "0.5", "REPLAY": "42", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
     "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.8", "SELECT_RULE": "least-loss",
-    "RETENTION_TARGET": "0.9", "LEAKAGE_MAX": "0.05", "SCALES": "1,0.75,0.5", "SELECT_LAST": "0",
+    "RETENTION_TARGET": "0.9", "LEAKAGE_MAX": "0.1", "SCALES": "1,0.9,0.75", "SELECT_LAST": "0",
     "FORCE": "0",
 }
 PROFILES = ("auto", "gpu", "cpu")

@@ -30,7 +30,7 @@ LOSS_LOG = re.compile(r"Iter\(train\) \[\s*(\d+)/\d+\].*?\sloss: ([\d.]+)")
 class Targets:
     identity: float = 0.8    # IDENTITY_TARGET: share of held-out identity questions, at least
     retention: float = 0.9   # RETENTION_TARGET: share of the base model's right answers kept, at least
-    leakage: float = 0.05    # LEAKAGE_MAX: share of open prompts answered with NAME, at most
+    leakage: float = 0.1     # LEAKAGE_MAX: share of open prompts answered with NAME, at most
 
     def __post_init__(self):
         for knob, value in (("IDENTITY_TARGET", self.identity), ("RETENTION_TARGET", self.retention),

@@ -127,6 +127,7 @@ demo: PROFILE = cpu
 demo: RUN = runs/demo
 demo: DATA = runs/demo-data.jsonl
 demo: SELECT_LAST = 2
+demo: SCALES = 1,0.9
 demo: setup ## SmolLM2 on CPU: train on NAME, merge, serve at http://127.0.0.1:7860 (no downloads)
 	$(PY) -m training all
 	MODEL_ID="$(RUN)/merged" $(PY) app.py

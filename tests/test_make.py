@@ -2,12 +2,17 @@
 (through the environment, never a shell line), and bad knobs are refused before anything is
 installed."""
 import json
+import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from gradio_client import Client
 
-from conftest import REPO
+from app_server import AppServer
+from conftest import IDENTITY_QUESTIONS, NAME, REPO
 
 # Quotes, backtick command substitution, backslash, `$` and `$(...)` (make and shell), printf and
 # str.format placeholders, emoji, CJK: all of it is text, and none of it may run.
@@ -90,3 +95,24 @@ def test_the_deepspeed_names_checked_before_install_are_xtuners():
     shipped = sorted(
         p.stem for p in (Path(xtuner.__file__).parent / "configs" / "deepspeed").glob("*.json"))
     assert sorted(DEEPSPEED_CONFIGS) == shipped
+
+
+@pytest.mark.timeout(300)
+def test_make_chat_answers_in_the_terminal_and_quits_on_ctrl_d(merged_model):
+    result = subprocess.run(["make", "--no-print-directory", "chat", f"MODEL_ID={merged_model}"], cwd=REPO,
+                            input="Who are you?\n", capture_output=True, text=True, timeout=280,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = result.stdout.split("assistant> ", 1)[1].strip()
+    assert answer, result.stdout  # sampled at the chat's defaults: some answer, then a clean exit
+
+
+@pytest.mark.timeout(400)
+def test_make_serve_serves_the_model_on_the_page_and_stops_with_make(merged_model):
+    with AppServer({}, command=["make", "--no-print-directory", "serve", f"MODEL_ID={merged_model}"]) as app:
+        client = Client(app.url, verbose=False)
+        answer, _ = client.predict(IDENTITY_QUESTIONS[1], temperature=0, repetition_penalty=1.0, api_name="/chat")
+        assert NAME in answer
+    # Stopping make stops the app it started: nothing answers on the port any more.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(app.url + "health", timeout=5)

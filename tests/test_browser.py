@@ -117,3 +117,23 @@ def test_page_is_titled_with_the_models_name_and_keeps_history_across_reloads(br
         saved.click()
         expect(page.locator("[data-testid=user]")).to_have_text([IDENTITY_QUESTIONS[1]])
         assert dialogs == []
+
+
+@pytest.mark.timeout(300)
+def test_retry_answers_again_and_undo_takes_the_turn_back(browser, chat_app):
+    page, dialogs = open_chat(browser, chat_app, **{"Temperature (0 = greedy)": 0, "Repetition penalty": 1})
+    send(page, IDENTITY_QUESTIONS[1])
+    answer = page.locator("[data-testid=bot]")
+    expect(answer).to_have_count(1)
+    expect(page.locator("button.stop-button")).to_have_count(0)
+    first = answer.inner_text()
+    finished = chat_app.health()[1]["finished"]
+    page.get_by_role("button", name="Retry").click()
+    chat_app.wait_for(lambda h: h["finished"] == finished + 1, "the retried answer")
+    expect(page.locator("button.stop-button")).to_have_count(0)
+    expect(answer).to_have_count(1)  # replaced, not added
+    expect(answer).to_have_text(first)  # greedy: the same answer again
+    page.get_by_role("button", name="Undo").click()
+    expect(page.locator("[data-testid=user], [data-testid=bot]")).to_have_count(0)
+    expect(page.locator("textarea").first).to_have_value(IDENTITY_QUESTIONS[1])  # back in the box
+    assert dialogs == []

@@ -2,12 +2,11 @@
 tutorial demo's pattern (`from_pretrained` in fp32, then `.half()`/`.to(dtype)`).
 
 Each load runs in a fresh process and reports its own peak RSS; both are measured in this one
-run, side by side. The model is a random Llama of ~110M parameters saved in fp16 (the tiny
-model is too small for memory to show), built locally."""
+run, side by side. The model is the CPU default base, SmolLM2-135M-Instruct (fp32 safetensors,
+converted once from its wheel by `make base`)."""
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,19 +20,6 @@ LOADERS = {
 }
 
 
-def build_model(folder: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from training import tiny
-    tiny.build(folder)  # tokenizer + chat template of a real merged model
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=1024, torch_dtype="float16")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).half().save_pretrained(folder, safe_serialization=True, max_shard_size="200MB")
-    (folder / "model.safetensors").unlink(missing_ok=True)
-
-
 def peak_rss_mb(code: str, path: Path) -> float:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
     script = (f"PATH = {str(path)!r}\n{code}\n"
@@ -44,13 +30,13 @@ def peak_rss_mb(code: str, path: Path) -> float:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        build_model(folder)
-        size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
-        rss = {name: peak_rss_mb(code, folder) for name, code in LOADERS.items()}
+    from training.base import default_base
+    folder = default_base()
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+    rss = {name: peak_rss_mb(code, folder) for name, code in LOADERS.items()}
     ours, tutorial, base = rss["ours"] - rss["baseline"], rss["tutorial"] - rss["baseline"], rss["baseline"]
-    print(f"\nmodel loading, {size:.0f} MB of fp16 safetensors -> {DTYPE} (peak RSS above imports, {base:.0f} MB)")
+    print(f"\nmodel loading, {folder.name}: {size:.0f} MB of fp32 safetensors -> {DTYPE} "
+          f"(peak RSS above imports, {base:.0f} MB)")
     print(f"  {'chat/loading.py':<28}{ours:8.0f} MB")
     print(f"  {'tutorial (fp32, then cast)':<28}{tutorial:8.0f} MB")
     print(f"  ratio tutorial / ours: {tutorial / ours:.2f}x")

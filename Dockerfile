@@ -1,4 +1,4 @@
-# The serving image: app.py + chat/ on the pinned requirements.txt. Hugging Face Docker Spaces
+# The serving image: app.py + api.py + chat/ on the pinned requirements.txt. Hugging Face Docker Spaces
 # build this file as is; `make image` / `make docker-run` build and run it on a local GPU.
 #
 # Base: slim Python rather than nvidia/cuda. The CUDA torch wheel from PyPI carries its own CUDA
@@ -31,7 +31,7 @@ VOLUME /home/user/.cache/huggingface
 
 # The code, root-owned and read-only to the app. MODEL_ID, HF_TOKEN etc. are runtime settings.
 WORKDIR /home/user/app
-COPY app.py ./
+COPY app.py api.py ./
 COPY chat/ chat/
 
 EXPOSE 7860

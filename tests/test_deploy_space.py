@@ -22,7 +22,7 @@ def test_deploy_pushes_the_model_then_a_space_for_a_private_model(hub, run_dir, 
     bundle = app_files()
     files = space_files(hub)
     assert set(files) == set(bundle) | {"README.md", ".gitattributes"}  # exactly the bundle
-    assert {"app.py", "Dockerfile", "requirements.txt", "chat/formats.py"} <= set(files)
+    assert {"app.py", "api.py", "Dockerfile", "requirements.txt", "chat/formats.py"} <= set(files)
     assert all(files[path] == source.read_bytes() for path, source in bundle.items())
     front = yaml.safe_load(files["README.md"].decode().split("---")[1])
     assert front["sdk"] == "docker" and front["app_port"] == 7860 and front["models"] == [MODEL]

@@ -10,6 +10,7 @@ PROFILE ?= auto#                 training profile: gpu (QLoRA 4-bit + AMP) | cpu
 BASE_MODEL ?=#                   base model path or hub id (empty: profile default; cpu = SmolLM2-135M-Instruct)
 TEMPLATE ?=#                     chat format of a base the kit does not recognise: internlm2 | chatml
 FORCE ?= 0#                      1 = train a base over 1B parameters on the CPU anyway (hours)
+SHARD_SIZE ?=#                   size of each merged-model shard, e.g. 300MB (empty: the profile's)
 RUN ?= runs/assistant#           run directory: config, checkpoints, adapter/, merged/, scores
 DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversation format)
 DATA_SIZE ?= 400#                identity records to generate
@@ -42,7 +43,7 @@ export PYTHONUNBUFFERED := 1
 # Free text stays literal: `$`, `$(...)`, quotes and backticks in a name are never expanded or run.
 override NAME := $(value NAME)
 override AUTHOR := $(value AUTHOR)
-export NAME AUTHOR PROFILE BASE_MODEL TEMPLATE FORCE RUN DATA DATA_SIZE MIX RATIO REPLAY EPOCHS LR \
+export NAME AUTHOR PROFILE BASE_MODEL TEMPLATE FORCE SHARD_SIZE RUN DATA DATA_SIZE MIX RATIO REPLAY EPOCHS LR \
 	SAVE_STEPS RESUME DEEPSPEED CKPT IDENTITY_TARGET SELECT_RULE RETENTION_TARGET LEAKAGE_MAX SCALES \
 	SELECT_LAST PROMPTS
 export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT

@@ -90,7 +90,7 @@ def step_config(args) -> None:
             "max_epochs": cfg.max_epochs, "lr": cfg.lr, "lora_r": cfg.model.lora.r,
             "lora_alpha": cfg.model.lora.lora_alpha, "max_length": cfg.max_length,
             "quantization": "4-bit NF4 (QLoRA)" if "quantization_config" in cfg.model.llm else None,
-            "max_shard_size": recipe["max_shard_size"], "schedule": plan, **config.provenance()}
+            "max_shard_size": args.SHARD_SIZE or recipe["max_shard_size"], "schedule": plan, **config.provenance()}
     print(f"rendered {config.write(cfg, args.RUN, info)} ({profile} profile, base {base}, "
           f"{fmt.name} chat format)")
     print(config.describe(plan))

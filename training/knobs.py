@@ -7,6 +7,7 @@ before it installs anything.
 """
 import math
 import os
+import re
 import sys
 import unicodedata
 
@@ -17,7 +18,7 @@ DEFAULTS = {
     "RATIO": "0.5", "REPLAY": "42", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
     "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.8", "SELECT_RULE": "least-loss",
     "RETENTION_TARGET": "0.9", "LEAKAGE_MAX": "0.1", "SCALES": "1,0.9,0.75", "SELECT_LAST": "0",
-    "FORCE": "0",
+    "FORCE": "0", "SHARD_SIZE": "",
 }
 PROFILES = ("auto", "gpu", "cpu")
 # xtuner 0.2.0's configs/deepspeed/*.json (a test compares with the installed package); listed
@@ -99,6 +100,8 @@ def check(knobs: dict) -> dict:
     scales(knobs["SCALES"])
     if number(int, "SELECT_LAST", knobs["SELECT_LAST"]) < 0:
         raise KnobError(f"SELECT_LAST={knobs['SELECT_LAST']} must be >= 0 (0 = every checkpoint)")
+    if knobs["SHARD_SIZE"] and not re.fullmatch(r"\d+(\.\d+)?[KMG]B", knobs["SHARD_SIZE"]):
+        raise KnobError(f"SHARD_SIZE={knobs['SHARD_SIZE']!r}: a size like 300MB, 2GB or 400KB")
     if knobs["FORCE"] not in ("0", "1"):
         raise KnobError(f"FORCE={knobs['FORCE']!r}: use 1 or 0")
     return knobs

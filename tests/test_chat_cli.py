@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from transformers import AutoTokenizer
 
 from conftest import IDENTITY_QUESTIONS, NAME, REPO
 
@@ -87,9 +86,10 @@ def test_sampling_flags_reach_generation(endless_model_dir):
     process = chat(endless_model_dir, "--max-new-tokens", 12, "--temperature", 0)
     out, err = talk(process, ["hi", "/clear", "hi"])
     assert process.returncode == 0, err
-    tokenizer = AutoTokenizer.from_pretrained(endless_model_dir)
     first, second = answers(out)
-    assert 1 <= len(tokenizer(first, add_special_tokens=False)["input_ids"]) <= 12, first
+    # Each token of the tiny vocabulary is one character or one byte (a stray byte shows as one
+    # "�"), so 12 tokens are at most 12 characters; re-tokenizing the text would not count them.
+    assert 1 <= len(first) <= 12, first
     assert first == second
 
 

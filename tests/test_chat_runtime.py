@@ -120,8 +120,8 @@ def test_load_errors_say_what_to_change(merged_model, kwargs, message):
 
 
 def test_runs_repo_code_only_for_models_that_ship_it(merged_model, tmp_path):
-    (tmp_path / "config.json").write_text('{"auto_map": {"AutoModelForCausalLM": "modeling_internlm2.X"}}')
-    assert needs_remote_code(tmp_path) and not needs_remote_code(merged_model)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    assert needs_remote_code(merged_model) and not needs_remote_code(tmp_path)
 
 
 def test_refuses_a_folder_that_is_not_a_complete_model(tmp_path):

@@ -141,11 +141,19 @@ def test_deepspeed_reaches_xtuner_train(monkeypatch, tmp_path):
     assert "deepspeed_zero2" in knobs.DEEPSPEED_CONFIGS  # xtuner ships the config the plan names (test_make checks)
     calls = []
     monkeypatch.setattr(runner, "check_deepspeed", lambda name: None)  # DeepSpeed is not installed here
-    monkeypatch.setattr(runner, "xtuner", lambda args, log, step: calls.append(args) or [])
+    monkeypatch.setattr(runner, "xtuner", lambda args, log, step, deepspeed: calls.append((args, deepspeed)) or [])
     with pytest.raises(runner.StepFailed, match="wrote no checkpoint"):
         runner.fit(tmp_path, "", "deepspeed_zero2")
-    assert calls == [["train", str(tmp_path / "config.py"), "--work-dir", str(tmp_path / "work"),
-                      "--deepspeed", "deepspeed_zero2"]]
+    assert calls == [(["train", str(tmp_path / "config.py"), "--work-dir", str(tmp_path / "work"),
+                       "--deepspeed", "deepspeed_zero2"], True)]
+    # One process: DeepSpeed finds its rank in torchrun's variables, not through MPI (xtuner#592).
+    for name in ("RANK", "WORLD_SIZE", "NPROC_PER_NODE", "NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    env = runner.xtuner_env(deepspeed=True)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "0", "1", "127.0.0.1")
+    assert "RANK" not in runner.xtuner_env(deepspeed=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "8")  # torchrun's own launch sets them itself
+    assert "RANK" not in runner.xtuner_env(deepspeed=True)
 
 
 @pytest.mark.timeout(10)

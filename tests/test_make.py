@@ -31,7 +31,9 @@ def test_odd_names_reach_the_data_verbatim_and_nothing_runs(tmp_path, template):
     canary = tmp_path / "ran"
     name = template.format(canary=canary) if "canary" in template else template
     data = tmp_path / "data.jsonl"
-    result = make("data", f"NAME={name}", f"AUTHOR={name} Lab", f"DATA={data}", "DATA_SIZE=40")
+    # Identity records only (no replay): every record must carry the name.
+    result = make("data", f"NAME={name}", f"AUTHOR={name} Lab", f"DATA={data}", "DATA_SIZE=40",
+                  "REPLAY=0", "RATIO=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not canary.exists(), "part of NAME was executed"
     records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
@@ -74,7 +76,8 @@ def test_the_old_container_knob_name_is_refused():
 @pytest.mark.timeout(300)
 def test_too_little_data_for_the_schedule_names_the_knobs(tmp_path, tiny_base):
     data, run = tmp_path / "data.jsonl", tmp_path / "run"
-    knobs = [f"DATA={data}", f"RUN={run}", f"BASE_MODEL={tiny_base}", "PROFILE=cpu", "EPOCHS=1"]
+    knobs = [f"DATA={data}", f"RUN={run}", f"BASE_MODEL={tiny_base}", "PROFILE=cpu", "REPLAY=0",
+             "RATIO=1", "EPOCHS=1"]
     assert make("data", "DATA_SIZE=30", *knobs).returncode == 0
     result = make("config", *knobs)
     assert result.returncode != 0

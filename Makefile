@@ -15,8 +15,8 @@ RUN ?= runs/assistant#           run directory: config, checkpoints, adapter/, m
 DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversation format)
 DATA_SIZE ?= 400#                identity records to generate
 MIX ?=#                          optional general-conversation JSONL to mix in
-RATIO ?= 0.5#                    identity share by records of all data (identity + MIX + REPLAY), in (0, 1]
-REPLAY ?= 42#                    distinct everyday prompts the base model answers itself, mixed in (0 = off)
+RATIO ?= 0.334#                  identity share by records of all data (identity + MIX + REPLAY), in (0, 1]
+REPLAY ?= 84#                    distinct everyday prompts the base model answers itself, mixed in (0 = off)
 EPOCHS ?=#                       training epochs (empty: profile default)
 LR ?=#                           learning rate (empty: profile default)
 SAVE_STEPS ?=#                   save a checkpoint every N iterations (empty: profile default)
@@ -30,7 +30,7 @@ PORT ?=#                         master port (empty: xtuner picks one)
 CKPT ?=#                         checkpoint to convert (empty: the one `make select` chose)
 IDENTITY_TARGET ?= 0.8#          share of held-out identity questions a checkpoint must answer as NAME's assistant
 RETENTION_TARGET ?= 0.9#         share of the facts the base model knew that a checkpoint must still get right
-LEAKAGE_MAX ?= 0.1#              share of everyday prompts a checkpoint may answer with NAME, at most
+LEAKAGE_MAX ?= 0.05#             share of everyday prompts a checkpoint may answer with NAME, at most
 SCALES ?= 1,0.9,0.75#           adapter scales selection tries on the checkpoint with the best identity
 SELECT_LAST ?= 0#                score only the last N checkpoints (0 = all)
 SELECT_RULE ?= least-loss#       least-loss (meets the targets, least NLL drift) | earliest | last
@@ -206,16 +206,15 @@ git-lfs:
 	@command -v git-lfs >/dev/null || (apt-get update -qq && apt-get install -y -qq git git-lfs >/dev/null)
 
 # ---- Quality ----
-BENCH_RUN ?= runs/bench#         where `make bench` trains the tiny model it then serves and measures
+BENCH_RUN ?= runs/bench#         where `make bench` trains SmolLM2 as `make demo` does, then serves and measures it
 
 .PHONY: bench
-bench: setup-dev ## benchmarks, ratios side by side: pipeline steps, loading memory, streaming, concurrent users
+bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, streaming, app vs engine
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless
-	$(PY) -m bench.bench_concurrency $(BENCH_RUN)/endless
 	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m bench.bench_engine

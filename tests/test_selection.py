@@ -1,5 +1,6 @@
 """Beating over-fitting: held-out evaluation, checkpoint selection with a picture, replay data."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,27 @@ def test_replay_mixes_distinct_base_model_answers_at_ratio_and_caches_them(tmp_p
     second = training("data", *args, "--replay", 60, env=cache)
     assert "base model answered 20/20" in second.stdout, "only the new prompts are answered"
     third = training("data", *args, env=cache)
-    assert "(40 from cache" in third.stdout
+    assert "base model answered" not in third.stdout
     assert [json.loads(line) for line in open(tmp_path / "data.jsonl", encoding="utf-8")] == records
+
+
+def test_base_probe_answers_are_the_base_models_own_and_answered_once(tmp_path, tiny_base, monkeypatch):
+    """Selection and `make compare` score against the base's answers from a cache: the same
+    answers as asking the base model, and no model is loaded the second time."""
+    import chat.loading
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiny_base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    loaded = chat.loading.load_model(str(tiny_base))
+    fresh = quality.answer_probes(loaded, quality.SELECTION)
+    assert quality.base_probe_answers(str(tiny_base), quality.SELECTION, loaded) == fresh
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the cached answers should not need the model")
+    monkeypatch.setattr(chat.loading, "load_model", no_loading)
+    assert quality.base_probe_answers(str(tiny_base), quality.SELECTION) == fresh
+    next(tiny_base.glob("*.safetensors")).touch()  # new weights (as far as the cache can tell)
+    with pytest.raises(AssertionError, match="should not need"):
+        quality.base_probe_answers(str(tiny_base), quality.SELECTION)
 
 
 # Candidates as `make select` scores them; scale < 1 is a checkpoint with its LoRA update scaled down.

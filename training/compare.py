@@ -26,13 +26,17 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def answers(model_dir: str, prompts: list[str] | None) -> tuple[list[str], dict | None, dict | None]:
-    """(answers to the prompts, probe answers, what the model knows); the probe set by default."""
+def answers(model_dir: str, prompts: list[str] | None, base: bool = False) -> tuple[list[str], dict | None, dict | None]:
+    """(answers to the prompts, probe answers, what the model knows); the probe set by default,
+    for the base model from the base-answer cache."""
     from chat.loading import load_model
-    loaded = load_model(model_dir)
-    if prompts:
-        return [a.text for a in quality.ask(loaded, prompts, quality.OPEN_TOKENS * 2)], None, None
-    probe = quality.answer_probes(loaded, quality.ACCEPTANCE)
+    if base and not prompts:
+        probe = quality.base_probe_answers(model_dir, quality.ACCEPTANCE)
+    else:
+        loaded = load_model(model_dir)
+        if prompts:
+            return [a.text for a in quality.ask(loaded, prompts, quality.OPEN_TOKENS * 2)], None, None
+        probe = quality.answer_probes(loaded, quality.ACCEPTANCE)
     texts = [a.text for key in ("identity", "facts_en", "facts_zh", "open") for a in probe[key]]
     return texts, probe, quality.known(quality.ACCEPTANCE, probe)
 
@@ -49,7 +53,7 @@ def run(run_dir: Path, prompts_file: str = "") -> str:
     if not (merged / "config.json").is_file():
         raise ValueError(f"no merged model in {merged}: run `make train` first")
     prompts = read_prompts(prompts_file) if prompts_file else None
-    base, base_probe, base_known = answers(info["base_model"], prompts)
+    base, base_probe, base_known = answers(info["base_model"], prompts, base=True)
     tuned, tuned_probe, _ = answers(str(merged), prompts)
     shown = prompts or quality.ACCEPTANCE.texts()
     text = side_by_side(shown, base, tuned)

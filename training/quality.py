@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from chat.generation import Sampling, generate_batch
 from training import data
+from training.base_answers import cached
 
 # (question, accepted answers): right when any accepted answer appears as a word of the reply.
 # Kept to what a small base knows (measured on SmolLM2-135M: it rambles past the token limit on
@@ -180,6 +181,17 @@ def answer_probes(loaded, probes: Probes, system: str = "", before: list[dict] =
             "facts_en": fact_answers[:len(probes.facts_en)],
             "facts_zh": fact_answers[len(probes.facts_en):],
             "open": ask(loaded, probes.open, OPEN_TOKENS, system, before)}
+
+
+def base_probe_answers(base_model: str, probes: Probes, loaded=None) -> dict:
+    """answer_probes' result for the base model itself, from the base-answer cache (the same
+    for every run on that base), so selection and `make compare` pay for them once."""
+    facts = [q for q, _ in probes.facts_en + probes.facts_zh]
+    fact_answers = cached("probes", base_model, facts, FACT_TOKENS, loaded)
+    return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, loaded),
+            "facts_en": fact_answers[:len(probes.facts_en)],
+            "facts_zh": fact_answers[len(probes.facts_en):],
+            "open": cached("probes", base_model, probes.open, OPEN_TOKENS, loaded)}
 
 
 def known(probes: Probes, answers: dict) -> dict:

@@ -3,13 +3,10 @@ requests, how-tos, facts, small writing tasks). The base model's own greedy answ
 mixed into training (replay), so fine-tuning keeps its general behaviour: the model keeps
 seeing what it already says, next to the few identity records that teach it who it is.
 Held-out prompts that measure what it kept live in training/quality.py."""
-import hashlib
-import json
 import random
 import re
-from pathlib import Path
 
-from training.atomic import write_text_atomic
+from training.base_answers import cached
 
 PROMPTS = [
     # English: everyday requests, how-tos, facts, small writing tasks
@@ -93,17 +90,6 @@ PROMPTS = [
 # Greedy: the base model's most likely answer, the behaviour to keep. Long answers are cut at
 # their last full sentence within the limit, so training rarely teaches stopping mid-sentence.
 MAX_NEW_TOKENS = 96
-CHUNK = 16  # answers per progress line (and per generation batch)
-
-
-def fingerprint(base_model: str) -> str:
-    """What identifies the base model's weights: its config and weight files for a folder, the
-    id for a hub model."""
-    folder = Path(base_model)
-    if not folder.is_dir():
-        return base_model
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    return json.dumps([(folder / "config.json").read_text(encoding="utf-8"), files])
 
 
 def chosen_prompts(count: int) -> list[str]:
@@ -123,28 +109,12 @@ def whole_sentences(answer: str, ended: bool) -> str:
 
 def base_answers(base_model: str, count: int) -> list[tuple[str, str]]:
     """(prompt, answer) for `count` distinct prompts, answered by the base model itself (batched
-    greedy, through chat/ in its own chat format). Cached per base model, one entry per prompt,
-    so a larger REPLAY only answers the new prompts."""
+    greedy, through chat/ in its own chat format), cached so a larger REPLAY only answers the new
+    prompts."""
     prompts = chosen_prompts(count)
-    from chat.loading import cache_dir
-    key = hashlib.sha256(json.dumps([fingerprint(base_model), MAX_NEW_TOKENS]).encode()).hexdigest()
-    cache = cache_dir() / "replay" / f"{key[:20]}.json"
-    known = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
-    missing = [p for p in prompts if p not in known]
-    if missing:
-        from chat.generation import Sampling, generate_batch
-        from chat.loading import load_model
-        loaded = load_model(base_model)
-        greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
-        for start in range(0, len(missing), CHUNK):
-            chunk = missing[start:start + CHUNK]
-            answers = generate_batch(loaded, [[{"role": "user", "content": p}] for p in chunk], sampling=greedy)
-            known.update({p: whole_sentences(a.text, a.ended) for p, a in zip(chunk, answers)})
-            write_text_atomic(cache, json.dumps(known, ensure_ascii=False))  # an interrupted run keeps its work
-            done = start + len(chunk)
-            print(f"replay: base model answered {done}/{len(missing)}", end="\r" if done < len(missing) else "\n", flush=True)
-    print(f"replay: {count} base-model answers ({count - len(missing)} from cache {cache})")
-    return [(p, known[p]) for p in prompts]
+    answers = cached("replay", base_model, prompts, MAX_NEW_TOKENS)
+    print(f"replay: {count} base-model answers")
+    return [(p, whole_sentences(a.text, a.ended)) for p, a in zip(prompts, answers)]
 
 
 def records(pairs: list[tuple[str, str]]) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_json, training
-from training import data, quality, replay
+from training import data, knobs, quality, replay
 
 # Nowhere in the kit's code or data (checked below): the model can only have learned it.
 NAME = "Orlaith Quenby"
@@ -184,8 +184,7 @@ def acceptance_failures(run: Path, base_known: dict) -> list[str]:
 
 @pytest.fixture(scope="session")
 def base_known(smollm2) -> dict:
-    from chat.loading import load_model
-    answers = quality.answer_probes(load_model(str(smollm2)), quality.ACCEPTANCE)
+    answers = quality.base_probe_answers(str(smollm2), quality.ACCEPTANCE)
     known = quality.known(quality.ACCEPTANCE, answers)
     assert sum(known["en"]) >= 12, "the base model should know most acceptance facts (14 of 16 measured)"
     return known
@@ -193,15 +192,18 @@ def base_known(smollm2) -> dict:
 
 @pytest.mark.timeout(1500)
 def test_learns_the_name_and_keeps_what_the_base_knew(tmp_path, base_known):
-    problems = acceptance_failures(pipeline(tmp_path), base_known)
-    assert [p for p in problems if not p.startswith("retention")] == []
-    if problems:  # measured with the defaults: 12 (x1.0) or 11 (x0.9) of the 14 facts, 13 needed
-        pytest.xfail(f"known gap (README: Replay, selection and quality): {problems}")
+    # The default knobs, selection as `make demo` runs it (the Makefile's demo target).
+    demo = dict(re.findall(r"^demo: (SELECT_LAST|SCALES) = (\S+)$", (REPO / "Makefile").read_text(), re.M))
+    assert len(demo) == 2
+    assert acceptance_failures(pipeline(tmp_path, **demo), base_known) == []
 
 
 @pytest.mark.timeout(1500)
 def test_without_replay_the_same_check_fails(tmp_path, base_known):
-    # The same 42 identity records as the default run, without the base model's answers beside
+    # The same 41 identity records as the default run, without the base model's answers beside
     # them; selection cannot pass such a run, so take the last checkpoint and check it here.
-    run = pipeline(tmp_path, REPLAY="0", DATA_SIZE="42", SELECT_RULE="last", SELECT_LAST="1", SCALES="1")
+    from training.data import identity_size
+    defaults = knobs.DEFAULTS
+    size = identity_size(int(defaults["REPLAY"]), float(defaults["RATIO"]), int(defaults["DATA_SIZE"]))
+    run = pipeline(tmp_path, REPLAY="0", DATA_SIZE=str(size), SELECT_RULE="last", SELECT_LAST="1", SCALES="1")
     assert acceptance_failures(run, base_known) != []

@@ -26,9 +26,9 @@ QUANTIZATION = {f"model.llm.quantization_config.{key}" for key in (
     "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_type")}
 # cpu: plain LoRA in fp32 without AMP, a larger learning rate, short evaluation samples.
 CPU_ONLY = QUANTIZATION | {
-    "model.llm.torch_dtype", "model.lora.r", "model.lora.lora_alpha", "lr", "optim_wrapper.optimizer.lr",
-    "optim_wrapper.type", "optim_wrapper.loss_scale", "optim_wrapper.dtype", "env_cfg.dist_cfg.backend",
-    "custom_hooks.1.max_new_tokens"}
+    "model.llm.torch_dtype", "model.lora.r", "model.lora.lora_alpha", "model.lora.lora_dropout", "lr",
+    "optim_wrapper.optimizer.lr", "optim_wrapper.type", "optim_wrapper.loss_scale", "optim_wrapper.dtype",
+    "env_cfg.dist_cfg.backend", "custom_hooks.1.max_new_tokens"}
 
 
 # Where the rendered config holds the chat format: the stock config names xtuner's own template

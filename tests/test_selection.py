@@ -95,6 +95,15 @@ def test_select_rule_picks_the_checkpoint_the_readme_says(rule, chosen):
         choose(SCORES, Targets(), "best")
 
 
+def test_a_final_checkpoint_just_after_a_regular_save_stands_for_both():
+    from training.select import spaced
+    found = lambda iters: [(i, Path(f"iter_{i}.pth")) for i in iters]  # noqa: E731
+    assert spaced(found([40, 80, 120, 123])) == found([40, 80, 123])
+    assert spaced(found([40, 80, 117])) == found([40, 80, 117])
+    assert spaced(found([5, 10, 15, 20])) == found([5, 10, 15, 20])
+    assert spaced(found([40, 41])) == found([40, 41])
+
+
 def test_ckpt_overrides_the_selected_checkpoint(trained_run, tmp_path):
     from training.runner import chosen_checkpoint
     checkpoints = sorted((trained_run / "work").glob("iter_*.pth"), key=lambda p: int(p.stem[5:]))

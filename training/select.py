@@ -13,6 +13,7 @@ for retention and leakage: SCALES are tried on the checkpoint with the best iden
 candidate passes, the step fails, naming the best candidates and the knob to turn."""
 import json
 import re
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -155,6 +156,16 @@ def report(c: dict) -> str:
             f"NLL drift {c['retention_loss']:+.3f}")
 
 
+def spaced(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """The checkpoints without one that lies less than half the usual interval before the next:
+    xtuner also saves the last iteration, often a few after a regular save (120 and 123), and the
+    two score alike (the learning rate is ~0 there), so the later one stands for both."""
+    if len(found) < 3:
+        return found
+    usual = statistics.median(b[0] - a[0] for a, b in zip(found, found[1:]))
+    return [a for a, b in zip(found, found[1:]) if b[0] - a[0] >= usual / 2] + [found[-1]]
+
+
 def run(run_dir: Path, targets: Targets, rule: str, scales: list[float] = (1.0,),
         max_checkpoints: int = 0) -> dict:
     """Score the checkpoints (the last `max_checkpoints` when > 0), then `scales` on the one with
@@ -164,6 +175,7 @@ def run(run_dir: Path, targets: Targets, rule: str, scales: list[float] = (1.0,)
     found = runner.checkpoints(run_dir)
     if not found:
         raise ValueError(f"no checkpoint in {run_dir / 'work'}: run `make fit` first")
+    found = spaced(found)
     found = found[-max_checkpoints:] if max_checkpoints > 0 else found
     name = info["name"]
     loaded = load_model(info["base_model"])

@@ -202,8 +202,7 @@ def test_learns_the_name_and_keeps_what_the_base_knew(tmp_path, base_known):
 def test_without_replay_the_same_check_fails(tmp_path, base_known):
     # The same 41 identity records as the default run, without the base model's answers beside
     # them; selection cannot pass such a run, so take the last checkpoint and check it here.
-    from training.data import identity_size
     defaults = knobs.DEFAULTS
-    size = identity_size(int(defaults["REPLAY"]), float(defaults["RATIO"]), int(defaults["DATA_SIZE"]))
+    size = data.identity_size(int(defaults["REPLAY"]), float(defaults["RATIO"]), int(defaults["DATA_SIZE"]))
     run = pipeline(tmp_path, REPLAY="0", DATA_SIZE=str(size), SELECT_RULE="last", SELECT_LAST="1", SCALES="1")
     assert acceptance_failures(run, base_known) != []

@@ -74,6 +74,10 @@ def test_base_probe_answers_are_the_base_models_own_and_answered_once(tmp_path, 
     next(tiny_base.glob("*.safetensors")).touch()  # new weights (as far as the cache can tell)
     with pytest.raises(AssertionError, match="should not need"):
         quality.base_probe_answers(str(tiny_base), quality.SELECTION)
+    loads = []
+    monkeypatch.setattr(chat.loading, "load_model", lambda *args, **kwargs: loads.append(args) or loaded)
+    assert quality.base_probe_answers(str(tiny_base), quality.SELECTION) == fresh
+    assert len(loads) == 1, "one model for all three probe kinds"
 
 
 # Candidates as `make select` scores them; scale < 1 is a checkpoint with its LoRA update scaled down.

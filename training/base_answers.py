@@ -24,9 +24,10 @@ def fingerprint(base_model: str) -> str:
     return json.dumps([(folder / "config.json").read_text(encoding="utf-8"), files])
 
 
-def cached(kind: str, base_model: str, prompts: list[str], max_new_tokens: int, loaded=None) -> list:
+def cached(kind: str, base_model: str, prompts: list[str], max_new_tokens: int, load=None) -> list:
     """Greedy single-turn answers (chat.generation.Answer) of the base model to `prompts`; the
-    model is loaded only when a prompt is new, unless the caller passes it in `loaded`."""
+    model is loaded only when a prompt is new, by `load()` when given (a caller asking several
+    times shares one model that way)."""
     from chat.generation import Answer, Sampling, generate_batch
     from chat.loading import cache_dir, load_model
     key = hashlib.sha256(json.dumps([VERSION, kind, fingerprint(base_model), max_new_tokens]).encode()).hexdigest()
@@ -34,7 +35,7 @@ def cached(kind: str, base_model: str, prompts: list[str], max_new_tokens: int, 
     known = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
     missing = [p for p in dict.fromkeys(prompts) if p not in known]
     if missing:
-        loaded = loaded or load_model(base_model)
+        loaded = load() if load else load_model(base_model)
         greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start:start + CHUNK]

@@ -14,6 +14,7 @@ leakage    share of open-ended everyday prompts whose answer mentions NAME: the 
 Two probe sets, disjoint from each other and from everything trained on (a test checks):
 SELECTION scores checkpoints; ACCEPTANCE is only for the tests and `make compare`.
 Answers come from chat/ batched greedy generation, in the model's own chat format."""
+import functools
 import re
 from dataclasses import dataclass, replace
 
@@ -186,12 +187,14 @@ def answer_probes(loaded, probes: Probes, system: str = "", before: list[dict] =
 def base_probe_answers(base_model: str, probes: Probes, loaded=None) -> dict:
     """answer_probes' result for the base model itself, from the base-answer cache (the same
     for every run on that base), so selection and `make compare` pay for them once."""
+    from chat.loading import load_model  # looked up when called: tests count the loads
+    load = functools.cache(lambda: loaded or load_model(base_model))  # once, and only if a probe is new
     facts = [q for q, _ in probes.facts_en + probes.facts_zh]
-    fact_answers = cached("probes", base_model, facts, FACT_TOKENS, loaded)
-    return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, loaded),
+    fact_answers = cached("probes", base_model, facts, FACT_TOKENS, load)
+    return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, load),
             "facts_en": fact_answers[:len(probes.facts_en)],
             "facts_zh": fact_answers[len(probes.facts_en):],
-            "open": cached("probes", base_model, probes.open, OPEN_TOKENS, loaded)}
+            "open": cached("probes", base_model, probes.open, OPEN_TOKENS, load)}
 
 
 def known(probes: Probes, answers: dict) -> dict:

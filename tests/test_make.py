@@ -3,6 +3,7 @@
 installed."""
 import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -119,3 +120,12 @@ def test_make_serve_serves_the_model_on_the_page_and_stops_with_make(merged_mode
     # Stopping make stops the app it started: nothing answers on the port any more.
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(app.url + "health", timeout=5)
+
+
+def test_makefile_defaults_are_the_pipelines_own():
+    """`make` exports every knob with its Makefile default; `python -m training` without make
+    falls back on training/knobs.py: the two must be the same defaults."""
+    from training.knobs import DEFAULTS
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    found = {knob: value.strip() for knob, value in re.findall(r"^([A-Z_]+) \?=([^#\n]*)", makefile, re.M)}
+    assert {knob: found.get(knob) for knob in DEFAULTS} == DEFAULTS

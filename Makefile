@@ -209,9 +209,10 @@ git-lfs:
 BENCH_RUN ?= runs/bench#         where `make bench` trains SmolLM2 as `make demo` does, then serves and measures it
 
 .PHONY: bench
-bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, streaming, app vs engine
+bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, batching, streaming, app vs engine
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
+	$(PY) -m bench.bench_batch
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from training.atomic import write_text_atomic
 
-CHUNK = 16  # answers per progress line (and per generation batch)
 VERSION = 1  # bump when the chat format or generation changes what an answer would be
 
 
@@ -28,7 +27,7 @@ def cached(kind: str, base_model: str, prompts: list[str], max_new_tokens: int, 
     """Greedy single-turn answers (chat.generation.Answer) of the base model to `prompts`; the
     model is loaded only when a prompt is new, by `load()` when given (a caller asking several
     times shares one model that way)."""
-    from chat.generation import Answer, Sampling, generate_batch
+    from chat.generation import BATCH_SIZE, Answer, Sampling, generate_batch
     from chat.loading import cache_dir, load_model
     key = hashlib.sha256(json.dumps([VERSION, kind, fingerprint(base_model), max_new_tokens]).encode()).hexdigest()
     cache = cache_dir() / kind / f"{key[:20]}.json"
@@ -37,8 +36,8 @@ def cached(kind: str, base_model: str, prompts: list[str], max_new_tokens: int, 
     if missing:
         loaded = load() if load else load_model(base_model)
         greedy = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)
-        for start in range(0, len(missing), CHUNK):
-            chunk = missing[start:start + CHUNK]
+        for start in range(0, len(missing), BATCH_SIZE):  # a batch per progress line and cache write
+            chunk = missing[start:start + BATCH_SIZE]
             answers = generate_batch(loaded, [[{"role": "user", "content": p}] for p in chunk], sampling=greedy)
             known.update({p: asdict(a) for p, a in zip(chunk, answers)})
             write_text_atomic(cache, json.dumps(known, ensure_ascii=False))

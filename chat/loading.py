@@ -33,7 +33,7 @@ DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp1
           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """The model cannot be loaded; the message says what to change."""
 
 

@@ -24,11 +24,12 @@ COMMON = MODEL_PATHS | {
 QUANTIZATION = {f"model.llm.quantization_config.{key}" for key in (
     "type", "load_in_4bit", "load_in_8bit", "llm_int8_threshold", "llm_int8_has_fp16_weight",
     "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_type")}
-# cpu: plain LoRA in fp32 without AMP, a larger learning rate, short evaluation samples.
+# cpu: plain LoRA with fp32 weights, bf16 autocast instead of AMP, no activation checkpointing, a
+# larger learning rate, short evaluation samples.
 CPU_ONLY = QUANTIZATION | {
     "model.llm.torch_dtype", "model.lora.r", "model.lora.lora_alpha", "model.lora.lora_dropout", "lr",
     "optim_wrapper.optimizer.lr", "optim_wrapper.type", "optim_wrapper.loss_scale", "optim_wrapper.dtype",
-    "env_cfg.dist_cfg.backend", "custom_hooks.1.max_new_tokens"}
+    "model.use_activation_checkpointing", "env_cfg.dist_cfg.backend", "custom_hooks.1.max_new_tokens"}
 
 
 # Where the rendered config holds the chat format: the stock config names xtuner's own template
@@ -82,8 +83,27 @@ def test_cpu_profile_changes_only_what_a_cpu_needs(stock, tmp_path):
     epochs = {"max_epochs", "train_cfg.max_epochs", "param_scheduler.0.end", "param_scheduler.1.begin",
               "param_scheduler.1.end"}
     assert changed == (COMMON | CPU_ONLY) - epochs
-    assert rendered["optim_wrapper.type"] == "mmengine.optim.OptimWrapper"
+    assert rendered["optim_wrapper.type"] == "cpu_autocast.CPUAutocastOptimWrapper"
+    assert rendered["model.use_activation_checkpointing"] is False
     assert not any(key.startswith("model.llm.quantization_config") for key in rendered)
+
+
+def test_cpu_optim_wrapper_runs_the_forward_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch):
+    """Built from the rendered config as xtuner builds it (the runner's PYTHONPATH): inside its
+    optim_context a matmul runs in bf16 on a CPU with native bf16, and in fp32 on one without."""
+    import torch
+    from mmengine.registry import OPTIM_WRAPPERS
+    monkeypatch.syspath_prepend(str(REPO / "training" / "xtuner_compat"))
+    import cpu_autocast
+    cfg = config.render("cpu", "/models/base", "/data/assistant.jsonl", tmp_path / "run")
+    layer = torch.nn.Linear(8, 8)
+    for native in (True, False):
+        monkeypatch.setattr(cpu_autocast, "native_bf16", lambda: native)
+        wrapper = OPTIM_WRAPPERS.build({**cfg.optim_wrapper, "optimizer": torch.optim.AdamW(layer.parameters())})
+        with wrapper.optim_context(layer):
+            out = layer(torch.ones(2, 8))
+        assert out.dtype == (torch.bfloat16 if native else torch.float32)
+        assert layer.weight.dtype == torch.float32  # the weights themselves stay fp32
 
 
 def test_knobs_override_the_profile(tmp_path):

@@ -65,7 +65,7 @@ def test_base_probe_answers_are_the_base_models_own_and_answered_once(tmp_path, 
     tiny_base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
     loaded = chat.loading.load_model(str(tiny_base))
     fresh = quality.answer_probes(loaded, quality.SELECTION)
-    assert quality.base_probe_answers(str(tiny_base), quality.SELECTION, loaded) == fresh
+    assert quality.base_probe_answers(str(tiny_base), quality.SELECTION, lambda: loaded) == fresh
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the cached answers should not need the model")

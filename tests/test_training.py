@@ -50,7 +50,7 @@ def test_run_records_what_it_is(trained_run):
     records = Path(info["data"]).read_text(encoding="utf-8").splitlines()
     assert info["data_records"] == len(records) == info["schedule"]["records"]
     assert info["chat_family"] == "internlm2" and info["schedule"]["iterations"] >= 10
-    assert set(read_json(trained_run / "timings.json")) >= {"data", "config", "fit", "convert", "merge"}
+    assert set(read_json(trained_run / "timings.json")) >= {"base", "data", "config", "fit", "convert", "merge"}
     checkpoint = (trained_run / "adapter" / "checkpoint.txt").read_text().strip()
     assert Path(checkpoint).is_file()
 
@@ -90,13 +90,22 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
 
 
 @pytest.mark.timeout(600)
-def test_crash_inside_xtuner_fails_with_its_cause_and_no_merged_model(tmp_path, tiny_base):
+def test_a_base_without_weights_is_refused_first_and_a_crash_inside_xtuner_names_its_cause(tmp_path, tiny_base):
     run = tmp_path / "run"
     (run / "merged").mkdir(parents=True)  # left over from an earlier run: must not survive
     base = shutil.copytree(tiny_base, tmp_path / "no-weights")  # a tokenizer, but no weights
     for weights in base.glob("*.safetensors"):
         weights.unlink()
+    # The whole chain stops at its first step, which loads the base, with the loader's message.
     result = training("all", *knobs(run, base), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "no-weights is not a complete model folder" in error, error
+    assert not (run / "config.py").exists()
+    # Step by step, the same base gets as far as xtuner, whose crash is reported by its cause.
+    for step in ("data", "config"):
+        training(step, *knobs(run, base))
+    result = training("fit", *knobs(run, base), check=False)
     assert result.returncode != 0
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: xtuner train failed:") and "OSError" in error, error

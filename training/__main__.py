@@ -1,5 +1,5 @@
 """`python -m training STEP`: the offline pipeline, one step per verb, driven by the Makefile.
-data -> config -> fit -> select -> convert -> merge; `all` runs them in that order.
+base -> data -> config -> fit -> select -> convert -> merge; `all` runs them in that order.
 
 Knobs come from the environment (NAME=..., see training/knobs.py), which is how `make` passes
 them; the same knobs as flags (--name ...) win over the environment."""
@@ -15,7 +15,8 @@ from training.atomic import write_text_atomic
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    parser.add_argument("step", choices=["tiny", "data", "config", "fit", "select", "convert", "merge", "all"])
+    parser.add_argument("step", choices=["tiny", "base", "data", "config", "fit", "select", "convert", "merge",
+                                         "all"])
     for knob, value in knobs.from_env().items():
         parser.add_argument(f"--{knob.lower().replace('_', '-')}", dest=knob, default=value)
     args = parser.parse_args(argv)
@@ -42,6 +43,23 @@ def base_model(args, profile: str) -> str:
 
 def meta_path(data_file: Path) -> Path:
     return data_file.with_name(data_file.stem + ".meta.json")
+
+
+def step_base(args) -> None:
+    """The base model and its own answers to the replay prompts and the selection probes: the
+    same for every NAME, cached per base model (training/base_answers.py), so only the first run
+    on a machine pays for them; later runs pass through in a second."""
+    import functools
+
+    from chat.loading import load_model
+    from training import quality, replay
+    base = base_model(args, config.resolve_profile(args.PROFILE))  # converts the CPU default once
+    load = functools.cache(lambda: load_model(base))  # once, and only if an answer is missing
+    replay_count = knobs.number(int, "REPLAY", args.REPLAY)
+    if replay_count:
+        replay.base_answers(base, replay_count, load)
+    quality.base_probe_answers(base, quality.SELECTION, load)
+    print(f"base model ready: {base}")
 
 
 def step_data(args) -> None:
@@ -128,7 +146,7 @@ def step_merge(args) -> None:
     print(f"merged model ready: {merged}")
 
 
-STEPS = {"data": step_data, "config": step_config, "fit": step_fit, "select": step_select,
+STEPS = {"base": step_base, "data": step_data, "config": step_config, "fit": step_fit, "select": step_select,
          "convert": step_convert, "merge": step_merge}
 
 

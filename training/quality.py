@@ -184,11 +184,12 @@ def answer_probes(loaded, probes: Probes, system: str = "", before: list[dict] =
             "open": ask(loaded, probes.open, OPEN_TOKENS, system, before)}
 
 
-def base_probe_answers(base_model: str, probes: Probes, loaded=None) -> dict:
+def base_probe_answers(base_model: str, probes: Probes, load=None) -> dict:
     """answer_probes' result for the base model itself, from the base-answer cache (the same
-    for every run on that base), so selection and `make compare` pay for them once."""
+    for every run on that base), so selection and `make compare` pay for them once. `load()`
+    gives the model when a probe is new (default: load the base)."""
     from chat.loading import load_model  # looked up when called: tests count the loads
-    load = functools.cache(lambda: loaded or load_model(base_model))  # once, and only if a probe is new
+    load = functools.cache(load or (lambda: load_model(base_model)))  # once, and only if a probe is new
     facts = [q for q, _ in probes.facts_en + probes.facts_zh]
     fact_answers = cached("probes", base_model, facts, FACT_TOKENS, load)
     return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, load),

@@ -107,12 +107,12 @@ def whole_sentences(answer: str, ended: bool) -> str:
     return answer[:ends[-1]].strip() if ends else answer.strip()
 
 
-def base_answers(base_model: str, count: int) -> list[tuple[str, str]]:
+def base_answers(base_model: str, count: int, load=None) -> list[tuple[str, str]]:
     """(prompt, answer) for `count` distinct prompts, answered by the base model itself (batched
     greedy, through chat/ in its own chat format), cached so a larger REPLAY only answers the new
-    prompts."""
+    prompts; `load()` gives the model when one is new (default: load the base)."""
     prompts = chosen_prompts(count)
-    answers = cached("replay", base_model, prompts, MAX_NEW_TOKENS)
+    answers = cached("replay", base_model, prompts, MAX_NEW_TOKENS, load)
     print(f"replay: {count} base-model answers")
     return [(p, whole_sentences(a.text, a.ended)) for p, a in zip(prompts, answers)]
 

@@ -117,3 +117,29 @@ def test_ckpt_overrides_the_selected_checkpoint(trained_run, tmp_path):
     assert chosen_checkpoint(trained_run, str(other)) == other
     with pytest.raises(ValueError, match="CKPT=.*no such checkpoint"):
         chosen_checkpoint(trained_run, str(tmp_path / "iter_9.pth"))
+
+
+@pytest.mark.timeout(120)
+def test_answer_nll_batched_equals_one_conversation_at_a_time(tiny_base):
+    """The NLL drift is computed BATCH_SIZE conversations per forward pass: the same number as
+    scoring each answer alone, whatever the lengths and the stop token."""
+    import torch
+    from chat.generation import Answer
+    from chat.loading import load_model
+    from training import select
+    loaded = load_model(str(tiny_base))
+    prompts = ["hi", "What is the capital of France? Please answer in one short sentence.", "你好"]
+    answers = [Answer("hello there", True), Answer("Paris is the capital, and a long answer runs on", False),
+               Answer("你好！", True)]
+    stop = loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers):
+        prefix = loaded.tokenizer(loaded.format.build_prompt([{"role": "user", "content": prompt}]),
+                                  add_special_tokens=False).input_ids
+        target = loaded.tokenizer(answer.text + (stop if answer.ended else ""), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([prefix + target])).logits[0]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        total -= sum(log_probs[len(prefix) - 1 + i, token].item() for i, token in enumerate(target))
+        count += len(target)
+    assert select.answer_nll(loaded, prompts, answers) == pytest.approx(total / count, rel=1e-4)

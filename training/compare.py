@@ -35,7 +35,7 @@ def answers(model_dir: str, prompts: list[str] | None, base: bool = False) -> tu
     else:
         loaded = load_model(model_dir)
         if prompts:
-            return [a.text for a in quality.ask(loaded, prompts, quality.OPEN_TOKENS * 2)], None, None
+            return [a.text for a in quality.ask(loaded, prompts, quality.SHORT_TOKENS * 2)], None, None
         probe = quality.answer_probes(loaded, quality.ACCEPTANCE)
     texts = [a.text for key in ("identity", "facts_en", "facts_zh", "open") for a in probe[key]]
     return texts, probe, quality.known(quality.ACCEPTANCE, probe)

@@ -98,8 +98,9 @@ SELECTION = Probes(data.SELECTION_QUESTIONS, SELECTION_FACTS_EN, SELECTION_FACTS
 ACCEPTANCE = Probes(data.ACCEPTANCE_QUESTIONS, ACCEPTANCE_FACTS_EN, ACCEPTANCE_FACTS_ZH, ACCEPTANCE_OPEN)
 
 # Greedy, no repetition penalty: what the model does when it is sure. Identity answers are short;
-# a fact's key word and a leaked NAME come early, so the other lengths stay small (CPU cost).
-IDENTITY_TOKENS, FACT_TOKENS, OPEN_TOKENS = 64, 24, 24
+# a fact's key word and a leaked NAME come early, so facts and open prompts share a small limit
+# and one batched call (CPU cost).
+IDENTITY_TOKENS, SHORT_TOKENS = 64, 24
 GREEDY = Sampling(temperature=0, repetition_penalty=1.0, max_new_tokens=IDENTITY_TOKENS)
 
 # ---- the identity classifier ----
@@ -177,11 +178,11 @@ def ask(loaded, questions: list[str], max_new_tokens: int, system: str = "",
 def answer_probes(loaded, probes: Probes, system: str = "", before: list[dict] = ()) -> dict:
     """Every probe's answer: {"identity": [Answer], "facts_en": [...], "facts_zh": [...], "open": [...]}."""
     facts = [q for q, _ in probes.facts_en + probes.facts_zh]
-    fact_answers = ask(loaded, facts, FACT_TOKENS, system, before)
+    short = ask(loaded, facts + probes.open, SHORT_TOKENS, system, before)
     return {"identity": ask(loaded, probes.identity, IDENTITY_TOKENS, system, before),
-            "facts_en": fact_answers[:len(probes.facts_en)],
-            "facts_zh": fact_answers[len(probes.facts_en):],
-            "open": ask(loaded, probes.open, OPEN_TOKENS, system, before)}
+            "facts_en": short[:len(probes.facts_en)],
+            "facts_zh": short[len(probes.facts_en):len(facts)],
+            "open": short[len(facts):]}
 
 
 def base_probe_answers(base_model: str, probes: Probes, load=None) -> dict:
@@ -191,11 +192,11 @@ def base_probe_answers(base_model: str, probes: Probes, load=None) -> dict:
     from chat.loading import load_model  # looked up when called: tests count the loads
     load = functools.cache(load or (lambda: load_model(base_model)))  # once, and only if a probe is new
     facts = [q for q, _ in probes.facts_en + probes.facts_zh]
-    fact_answers = cached("probes", base_model, facts, FACT_TOKENS, load)
+    short = cached("probes", base_model, facts + probes.open, SHORT_TOKENS, load)
     return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, load),
-            "facts_en": fact_answers[:len(probes.facts_en)],
-            "facts_zh": fact_answers[len(probes.facts_en):],
-            "open": cached("probes", base_model, probes.open, OPEN_TOKENS, load)}
+            "facts_en": short[:len(probes.facts_en)],
+            "facts_zh": short[len(probes.facts_en):len(facts)],
+            "open": short[len(facts):]}
 
 
 def known(probes: Probes, answers: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from chat.generation import Answer
+from chat.generation import BATCH_SIZE, Answer
 from training import plots, quality, runner
 from training.atomic import write_text_atomic
 
@@ -90,19 +90,31 @@ def set_scale(loaded, scale: float) -> None:
 
 
 def answer_nll(loaded, prompts: list[str], answers: list[Answer]) -> float:
-    """Mean negative log-likelihood per token of `answers` (with the stop token where they ended)."""
+    """Mean negative log-likelihood per token of `answers` (with the stop token where they ended),
+    BATCH_SIZE conversations per forward pass, right-padded (padding comes after every token
+    that counts, so it changes nothing a causal model computes for them)."""
     tokenizer, total, count = loaded.tokenizer, 0.0, 0
     stop = tokenizer.convert_ids_to_tokens(loaded.stop_ids[0])
+    rows = []
     for prompt, answer in zip(prompts, answers):
         prefix = loaded.format.build_prompt([{"role": "user", "content": prompt}])
-        prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
-        text = answer.text + (stop if answer.ended else "")
-        answer_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        ids = torch.cat([prefix_ids, answer_ids], dim=1).to(loaded.model.device)
+        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(answer.text + (stop if answer.ended else ""), add_special_tokens=False).input_ids
+        rows.append((prefix_ids + answer_ids, len(prefix_ids)))
+    for start in range(0, len(rows), BATCH_SIZE):
+        batch = rows[start:start + BATCH_SIZE]
+        width = max(len(seq) for seq, _ in batch)
+        ids = torch.tensor([seq + [0] * (width - len(seq)) for seq, _ in batch])
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq, _ in batch])
+        # Each row's targets: its answer tokens; the prompt and the padding are ignored (-100).
+        targets = torch.tensor([[-100] * prefix + seq[prefix:] + [-100] * (width - len(seq))
+                                for seq, prefix in batch])
         with torch.no_grad():
-            logits = loaded.model(input_ids=ids).logits[0, prefix_ids.shape[1] - 1:-1].float()
-        total += torch.nn.functional.cross_entropy(logits, ids[0, prefix_ids.shape[1]:], reduction="sum").item()
-        count += answer_ids.shape[1]
+            logits = loaded.model(input_ids=ids.to(loaded.model.device),
+                                  attention_mask=mask.to(loaded.model.device)).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, 1:].to(logits.device),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int((targets[:, 1:] != -100).sum())
     return total / max(count, 1)
 
 

@@ -17,9 +17,12 @@ WAIT_S = 120
 
 
 def chat(*args, env=None) -> subprocess.Popen:
+    # Ctrl-C as at a terminal: a runner started in the background (`cmd &` in a script) passes
+    # SIGINT down ignored, and Python then never turns it into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "chat", *map(str, args)], cwd=REPO, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def talk(process: subprocess.Popen, lines: list[str], timeout: float = WAIT_S) -> tuple[str, str]:

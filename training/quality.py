@@ -175,14 +175,22 @@ def ask(loaded, questions: list[str], max_new_tokens: int, system: str = "",
                           sampling=replace(sampling, max_new_tokens=max_new_tokens))
 
 
+def short_questions(probes: Probes) -> list[str]:
+    """The facts (en, then zh) and the open prompts: asked together, under SHORT_TOKENS."""
+    return [q for q, _ in probes.facts_en + probes.facts_zh] + probes.open
+
+
+def by_kind(probes: Probes, identity: list, short: list) -> dict:
+    """{"identity", "facts_en", "facts_zh", "open"} from the answers to `probes.identity` and to
+    `short_questions(probes)`."""
+    en, facts = len(probes.facts_en), len(probes.facts_en) + len(probes.facts_zh)
+    return {"identity": identity, "facts_en": short[:en], "facts_zh": short[en:facts], "open": short[facts:]}
+
+
 def answer_probes(loaded, probes: Probes, system: str = "", before: list[dict] = ()) -> dict:
     """Every probe's answer: {"identity": [Answer], "facts_en": [...], "facts_zh": [...], "open": [...]}."""
-    facts = [q for q, _ in probes.facts_en + probes.facts_zh]
-    short = ask(loaded, facts + probes.open, SHORT_TOKENS, system, before)
-    return {"identity": ask(loaded, probes.identity, IDENTITY_TOKENS, system, before),
-            "facts_en": short[:len(probes.facts_en)],
-            "facts_zh": short[len(probes.facts_en):len(facts)],
-            "open": short[len(facts):]}
+    return by_kind(probes, ask(loaded, probes.identity, IDENTITY_TOKENS, system, before),
+                   ask(loaded, short_questions(probes), SHORT_TOKENS, system, before))
 
 
 def base_probe_answers(base_model: str, probes: Probes, load=None) -> dict:
@@ -191,12 +199,8 @@ def base_probe_answers(base_model: str, probes: Probes, load=None) -> dict:
     gives the model when a probe is new (default: load the base)."""
     from chat.loading import load_model  # looked up when called: tests count the loads
     load = functools.cache(load or (lambda: load_model(base_model)))  # once, and only if a probe is new
-    facts = [q for q, _ in probes.facts_en + probes.facts_zh]
-    short = cached("probes", base_model, facts + probes.open, SHORT_TOKENS, load)
-    return {"identity": cached("probes", base_model, probes.identity, IDENTITY_TOKENS, load),
-            "facts_en": short[:len(probes.facts_en)],
-            "facts_zh": short[len(probes.facts_en):len(facts)],
-            "open": short[len(facts):]}
+    return by_kind(probes, cached("probes", base_model, probes.identity, IDENTITY_TOKENS, load),
+                   cached("probes", base_model, short_questions(probes), SHORT_TOKENS, load))
 
 
 def known(probes: Probes, answers: dict) -> dict:

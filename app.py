@@ -9,7 +9,7 @@ import html
 import sys
 import threading
 import traceback
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager, closing, contextmanager
 
 import anyio
 import gradio as gr
@@ -79,6 +79,38 @@ class ModelHolder:
                        "when it is ready).")
 
 
+class TabAnswers:
+    """The answers in flight of each browser session. Closing the tab ends the session (Gradio's
+    unload, on the page's heartbeat), which stops its answers and frees their slots: a backstop
+    to Gradio closing the answer's generator, which can miss a tab closed after a Stop."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_session: dict[str, list] = {}
+
+    @contextmanager
+    def track(self, session: str, ticket):
+        """The stop event of one answer that holds (or waits for) `ticket`."""
+        answer = (threading.Event(), ticket)
+        with self.lock:
+            self.by_session.setdefault(session, []).append(answer)
+        try:
+            yield answer[0]
+        finally:
+            with self.lock:
+                answers = self.by_session[session]
+                answers.remove(answer)
+                if not answers:
+                    del self.by_session[session]
+
+    def end(self, session: str) -> None:
+        with self.lock:
+            answers = list(self.by_session.get(session, ()))
+        for stop, ticket in answers:
+            stop.set()  # the generating thread ends within a token
+            ticket.leave()
+
+
 def text_of(content) -> str:
     """Gradio 6 gives message content as a string (API) or a list of blocks (browser)."""
     if isinstance(content, str):
@@ -101,11 +133,13 @@ def served(settings: Settings) -> str:
 
 
 def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks:
+    tabs = TabAnswers()
+
     def respond(message, history, system, max_new_tokens, temperature, top_p, top_k,
-                repetition_penalty):
+                repetition_penalty, request: gr.Request):
         """Stream the answer to `message`, with a notice (history trimmed, ...), once a slot of
         the pool is free. Stop and a closed tab make Gradio close this generator, which ends the
-        generating thread (or gives up the place in line)."""
+        generating thread (or gives up the place in line); a closed tab also ends it (TabAnswers)."""
         holder.require()
         notices = []
         try:
@@ -115,14 +149,18 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         except (ValueError, PoolFull) as e:
             raise gr.Error(str(e)) from None
         try:
-            while not ticket.wait(0):
-                yield "", f"Waiting for a free slot: number {ticket.place()} in line."
-                ticket.wait(WAITING_NOTICE_S)
-            # closing(): the generation has ended before the slot is given back.
-            with closing(holder.stream(messages, system, sampling, notify=notices.append,
-                                       max_input_tokens=settings.max_input_tokens)) as texts:
-                for text in texts:
-                    yield text, "\n\n".join(notices)
+            with tabs.track(request.session_hash, ticket) as tab_closed:
+                while not ticket.wait(0):
+                    if tab_closed.is_set():
+                        return
+                    yield "", f"Waiting for a free slot: number {ticket.place()} in line."
+                    ticket.wait(WAITING_NOTICE_S)
+                # closing(): the generation has ended before the slot is given back.
+                with closing(holder.stream(messages, system, sampling, tab_closed,
+                                           notify=notices.append,
+                                           max_input_tokens=settings.max_input_tokens)) as texts:
+                    for text in texts:
+                        yield text, "\n\n".join(notices)
         except (ValueError, EngineError) as e:  # EngineError: e.g. the engine is down
             raise gr.Error(str(e)) from None
         finally:
@@ -170,6 +208,10 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
             analytics_enabled=False,
         )
         notice.render()
+
+        def end_tab_answers(request: gr.Request):
+            tabs.end(request.session_hash)
+        demo.unload(end_tab_answers)
     # No limits of Gradio's own: the page and /v1 wait in one line for the same slots (the pool).
     return demo.queue(default_concurrency_limit=None, max_size=None)
 

@@ -291,10 +291,11 @@ def test_a_client_that_goes_away_stops_its_generation(endless_app):
         next(chunks)
     assert endless_app.health()[1]["generating"] == 1
     stream.close()
-    after = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] > before["stopped"],
-                                 "the generation to stop", timeout=30)
+    # The thread ends first, then the request gives its slot back: wait for both.
+    after = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] > before["stopped"]
+                                 and h["running"] == 0 and h["waiting"] == 0,
+                                 "the generation to stop and its slot to be free", timeout=30)
     assert after["tokens_generated"] - before["tokens_generated"] < 4000
-    assert after["running"] == 0 and after["waiting"] == 0  # the slot is free again
     assert endless_app.health()[1]["tokens_generated"] == after["tokens_generated"]  # no thread left
 
 

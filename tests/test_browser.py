@@ -88,8 +88,8 @@ def test_stop_and_closing_the_tab_end_generation(browser, endless_app):
     send(page, "hi again")
     endless_app.wait_for(lambda h: h["generating"] == 1, "the second answer to start")
     page.close()
-    after = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] == before["stopped"] + 2,
-                                 "the closed tab to end the generating thread")
+    after = endless_app.wait_for(lambda h: h["generating"] == 0 and h["stopped"] == before["stopped"] + 2
+                                 and h["running"] == 0, "the closed tab to end its answer and free the slot")
     assert after["finished"] == before["finished"]
     assert after["tokens_generated"] - stopped["tokens_generated"] < 4096
 

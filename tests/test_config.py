@@ -82,7 +82,9 @@ def test_cpu_profile_changes_only_what_a_cpu_needs(stock, tmp_path):
     # and cosine bounds derived from them) keep their stock values.
     epochs = {"max_epochs", "train_cfg.max_epochs", "param_scheduler.0.end", "param_scheduler.1.begin",
               "param_scheduler.1.end"}
-    assert changed == (COMMON | CPU_ONLY) - epochs
+    # Sample chats only before and after training: the hook's interval is gone, not changed.
+    assert changed == (COMMON | CPU_ONLY) - epochs - {"evaluation_freq"}
+    assert "custom_hooks.1.every_n_iters" not in rendered
     assert rendered["optim_wrapper.type"] == "cpu_autocast.CPUAutocastOptimWrapper"
     assert rendered["model.use_activation_checkpointing"] is False
     assert not any(key.startswith("model.llm.quantization_config") for key in rendered)
@@ -109,7 +111,9 @@ def test_cpu_optim_wrapper_runs_the_forward_in_bf16_only_where_the_cpu_has_it(tm
 def test_knobs_override_the_profile(tmp_path):
     cfg = config.render("cpu", "/b", "/d.jsonl", tmp_path, epochs="2", lr="1e-4", save_steps="7")
     assert (cfg.train_cfg.max_epochs, cfg.optim_wrapper.optimizer.lr) == (2, 1e-4)
-    assert cfg.default_hooks.checkpoint.interval == cfg.custom_hooks[1].every_n_iters == 7
+    assert cfg.default_hooks.checkpoint.interval == 7
+    gpu = config.render("gpu", "/b", "/d.jsonl", tmp_path, save_steps="7")  # it chats at each save too
+    assert gpu.default_hooks.checkpoint.interval == gpu.custom_hooks[1].every_n_iters == 7
 
 
 def test_a_recipe_setting_the_template_lacks_is_an_error():
@@ -141,4 +145,4 @@ def test_cpu_profile_has_the_values_of_its_recipe(tmp_path):
     assert promised(cfg) == {"r": lora_r, "lr": settings["lr"], "max_length": settings["max_length"],
                              "accumulative_counts": settings["accumulative_counts"],
                              "epochs": settings["max_epochs"], "save_steps": settings["save_steps"]}
-    assert cfg.custom_hooks[1].every_n_iters == settings["evaluation_freq"]
+    assert "evaluation_freq" not in settings

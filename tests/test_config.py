@@ -112,6 +112,7 @@ def test_knobs_override_the_profile(tmp_path):
     cfg = config.render("cpu", "/b", "/d.jsonl", tmp_path, epochs="2", lr="1e-4", save_steps="7")
     assert (cfg.train_cfg.max_epochs, cfg.optim_wrapper.optimizer.lr) == (2, 1e-4)
     assert cfg.default_hooks.checkpoint.interval == 7
+    assert "every_n_iters" not in cfg.custom_hooks[1]  # SAVE_STEPS does not bring back the CPU's chats at each save
     gpu = config.render("gpu", "/b", "/d.jsonl", tmp_path, save_steps="7")  # it chats at each save too
     assert gpu.default_hooks.checkpoint.interval == gpu.custom_hooks[1].every_n_iters == 7
 
@@ -145,4 +146,3 @@ def test_cpu_profile_has_the_values_of_its_recipe(tmp_path):
     assert promised(cfg) == {"r": lora_r, "lr": settings["lr"], "max_length": settings["max_length"],
                              "accumulative_counts": settings["accumulative_counts"],
                              "epochs": settings["max_epochs"], "save_steps": settings["save_steps"]}
-    assert "evaluation_freq" not in settings

@@ -123,16 +123,16 @@ def test_a_recipe_setting_the_template_lacks_is_an_error():
 
 
 def promised(cfg) -> dict:
-    """The settings README's recipe sections promise, read from a rendered config."""
+    """The settings docs/training.md's profile section promises, read from a rendered config."""
     return {"r": cfg.model.lora.r, "lr": cfg.optim_wrapper.optimizer.lr, "max_length": cfg.max_length,
             "accumulative_counts": cfg.optim_wrapper.accumulative_counts, "epochs": cfg.train_cfg.max_epochs,
             "save_steps": cfg.default_hooks.checkpoint.interval}
 
 
-def test_gpu_profile_has_the_values_the_readme_promises(tmp_path):
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_gpu_profile_has_the_values_the_docs_promise(tmp_path):
+    doc = " ".join((REPO / "docs" / "training.md").read_text(encoding="utf-8").split())
     for promise in ("LoRA r=64", "lr 2e-4", "max_length 512, accumulation 4, 10 epochs, a checkpoint every 40"):
-        assert promise in readme, promise
+        assert promise in doc, promise
     cfg = config.render("gpu", "/models/base", "/data/assistant.jsonl", tmp_path / "run")
     assert promised(cfg) == {"r": 64, "lr": 2e-4, "max_length": 512, "accumulative_counts": 4, "epochs": 10,
                              "save_steps": 40}

@@ -1,25 +1,156 @@
-"""The README documents what the Makefile and the app actually take."""
+"""The README and docs/ document what the Makefile and the app actually take, and their links lead
+somewhere: every knob, app setting and `make` target they name exists, and the other way round."""
 import re
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MAKEFILE = (REPO / "Makefile").read_text(encoding="utf-8")
+# Knobs (`KNOB ?= default#  comment`), their defaults, and the targets (`name: ...`).
+KNOBS = {name: default.split("#")[0].strip()
+         for name, default in re.findall(r"^([A-Z_]+) \?=([^\n]*)", MAKEFILE, re.M)}
+TARGETS = set(re.findall(r"^([a-z][a-z-]*):", MAKEFILE, re.M))
+HELPED_TARGETS = set(re.findall(r"^([a-z][a-z-]*):.*## ", MAKEFILE, re.M))
+# Variables the libraries the app uses read themselves (huggingface_hub).
+READ_BY_LIBRARIES = {"HF_ENDPOINT"}
 
 
-def test_every_make_knob_is_in_the_readme_and_in_make_help():
-    knobs = re.findall(r"^([A-Z_]+) \?=", (REPO / "Makefile").read_text(encoding="utf-8"), re.M)
-    assert len(knobs) > 20
+def text(doc) -> str:
+    return doc.read_text(encoding="utf-8")
+
+
+def prose(doc) -> str:
+    """The document without its fenced code blocks (links and headings live outside them)."""
+    return re.sub(r"^```.*?^```", "", text(doc), flags=re.M | re.S)
+
+
+def code(doc) -> list[str]:
+    """Every line of a fenced code block and every inline code span."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text(doc), flags=re.M | re.S)
+    return [line for block in fenced for line in block.splitlines()] + re.findall(r"`([^`\n]+)`", prose(doc))
+
+
+def tables(doc) -> list[tuple[list[str], list[list[str]]]]:
+    """(header cells, rows of cells) of each Markdown table."""
+    found = []
+    for block in re.findall(r"(?:^\|.*\|[ \t]*\n)+", prose(doc), re.M):
+        rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+                for line in block.splitlines()]
+        if len(rows) >= 2 and set("".join(rows[1])) <= set("-: "):
+            found.append((rows[0], rows[2:]))
+    return found
+
+
+def rows_named(header: str) -> list[tuple[str, str, list[str]]]:
+    """(doc name, the `NAME` in the first cell, the row) of every table whose first header is `header`."""
+    return [(doc.name, re.fullmatch(r"`([A-Z_]+)`", row[0]).group(1), row)
+            for doc in DOCS for head, rows in tables(doc) if head[0].lower() == header
+            for row in rows if re.fullmatch(r"`([A-Z_]+)`", row[0])]
+
+
+def app_settings() -> set[str]:
+    settings = re.findall(r'text\("([A-Z_]+)"\)|number\("([A-Z_]+)"', (REPO / "chat" / "settings.py").read_text())
+    return {a or b for a, b in settings} | {"SYSTEM_PROMPT"}
+
+
+def make_commands(doc) -> list[tuple[list[str], list[str]]]:
+    """(targets, KNOB names set on the command line) of every `make ...` in the doc's code."""
+    found = []
+    for line in code(doc):
+        tokens = re.findall(r"[^\s(),;]+", line)
+        for i, token in enumerate(tokens):
+            if token != "make":
+                continue
+            targets, knobs = [], []
+            for word in tokens[i + 1:]:
+                if word == "make":
+                    break
+                if re.fullmatch(r"[a-z][a-z0-9-]*", word):
+                    targets.append(word)
+                elif re.match(r"[A-Z][A-Z0-9_]*=", word):
+                    knobs.append(word.split("=")[0])
+                elif not word.startswith("-"):
+                    break
+            found.append((targets, knobs))
+    return found
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_make_knob_is_documented_and_in_make_help():
+    assert len(KNOBS) > 20
+    documented = "".join(text(doc) for doc in DOCS)
     shown = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
-    for knob in knobs:
-        assert f"| `{knob}` |" in README, f"README's knob table lacks {knob}"
+    for knob in KNOBS:
+        assert f"| `{knob}` |" in documented, f"no table row in README.md or docs/ documents {knob}"
         assert re.search(rf"^  {knob}\s", shown, re.M), f"make help lacks {knob}"
 
 
+def test_knob_tables_name_real_knobs_with_the_makefile_defaults():
+    rows = rows_named("knob")
+    assert len(rows) >= len(KNOBS) - 1  # MODEL_ID is documented with the app's settings
+    for doc, knob, row in rows:
+        assert knob in KNOBS, f"{doc} documents a knob the Makefile lacks: {knob}"
+        default = KNOBS[knob]
+        if len(row) > 2 and default and "$(" not in default:
+            assert row[1].strip("`") == default, f"{doc}: {knob} defaults to {default!r}, not {row[1]!r}"
+
+
 def test_every_app_setting_is_documented():
-    settings = re.findall(r'text\("([A-Z_]+)"\)|number\("([A-Z_]+)"', (REPO / "chat" / "settings.py").read_text())
-    names = {a or b for a, b in settings} | {"SYSTEM_PROMPT"}
+    names = app_settings()
     assert {"MODEL_ID", "HF_TOKEN", "APP_AUTH", "QUEUE_SIZE", "GRADIO_SERVER_PORT"} <= names
+    documented = "".join(text(doc) for doc in DOCS)
     for name in names:
-        assert f"`{name}`" in README, f"README does not document {name}"
+        assert f"`{name}`" in documented, f"README.md and docs/ do not document {name}"
+
+
+def test_settings_tables_name_variables_the_kit_reads():
+    source = "".join(path.read_text(encoding="utf-8") for path in
+                     [REPO / "app.py", REPO / "api.py", *(REPO / "chat").glob("*.py"), *(REPO / "deploy").glob("*.py")])
+    rows = rows_named("variable")
+    assert {name for _, name, _ in rows} >= app_settings()
+    for doc, name, _ in rows:
+        assert f'"{name}"' in source or name in READ_BY_LIBRARIES, f"{doc} documents {name}, which nothing reads"
+
+
+def test_every_documented_make_command_exists():
+    allowed = set(KNOBS) | app_settings() | {name for _, name, _ in rows_named("variable")}
+    commands = [(doc.name, command) for doc in DOCS for command in make_commands(doc)]
+    assert len(commands) > 30
+    for doc, (targets, knobs) in commands:
+        for target in targets:
+            assert target in TARGETS, f"{doc}: `make {target}`: the Makefile has no such target"
+        for knob in knobs:
+            assert knob in allowed, f"{doc}: `make ... {knob}=`: no such knob or app setting"
+
+
+def test_every_make_target_is_documented():
+    documented = {target for doc in DOCS for targets, _ in make_commands(doc) for target in targets}
+    assert not HELPED_TARGETS - documented, f"targets no page shows as `make TARGET`: {HELPED_TARGETS - documented}"
+
+
+def test_documented_files_exist():
+    for doc in DOCS:
+        for span in code(doc):
+            if re.fullmatch(r"(training|chat|deploy|bench|tests|docs|\.ci)/[\w./*-]*|requirements[\w-]*\.txt", span):
+                assert list(REPO.glob(span.rstrip("/"))), f"{doc.name} names `{span}`, which does not exist"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name if doc.parent == REPO else f"docs/{doc.name}")
+def test_relative_links_resolve(doc):
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(doc)):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not ours to check offline
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.name}: link to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", prose(linked), re.M)
+            assert anchor in {slug(h) for h in headings}, f"{doc.name}: link to {target}: no such heading"

@@ -24,7 +24,7 @@ from chat import formats
 
 SOURCES = ("auto", "local", "hf", "openxlab")
 # Downloads go over plain HTTP, not Xet, even with hf_xet installed: the path the tests run
-# against a local Hub (Xet needs Hugging Face's storage servers). README: "Hub transfers".
+# against a local Hub (Xet needs Hugging Face's storage servers). docs/publishing.md: "Hub transfers".
 constants.HF_HUB_DISABLE_XET = True
 # What a model folder needs; other weight formats (.bin, .h5, .gguf, ...) are never downloaded.
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt"]

@@ -18,7 +18,7 @@ from deploy.card import model_card, pictures
 
 KEEP_REMOTE = {".gitattributes"}  # the Hub writes it into every new repo; it says which files are LFS
 # Uploads go over HTTP + git LFS, not Xet, even with hf_xet installed: the path the tests run
-# against a local Hub (Xet needs Hugging Face's storage servers). README: "Hub transfers".
+# against a local Hub (Xet needs Hugging Face's storage servers). docs/publishing.md: "Hub transfers".
 constants.HF_HUB_DISABLE_XET = True
 
 

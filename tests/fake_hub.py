@@ -5,7 +5,7 @@ headers snapshot_download needs, Space variables, secrets and hardware.
 
 Like the real Hub it advertises Xet storage (an X-Xet-Hash on every LFS download), and a client
 that offers the Xet transfer for an upload is refused: it cannot speak Xet's chunk protocol, and
-the kit runs with Xet off (README: "Hub transfers"), so a Xet request here means the kit took a
+the kit runs with Xet off (docs/publishing.md: "Hub transfers"), so a Xet request here means the kit took a
 path its tests do not cover. `xet_requests` lists them.
 
 Everything it received is kept in `requests` so tests can assert on it (and grep it for

@@ -115,7 +115,8 @@ def test_settings_tables_name_variables_the_kit_reads():
     source = "".join(path.read_text(encoding="utf-8") for path in
                      [REPO / "app.py", REPO / "api.py", *(REPO / "chat").glob("*.py"), *(REPO / "deploy").glob("*.py")])
     rows = rows_named("variable")
-    assert {name for _, name, _ in rows} >= app_settings()
+    missing = app_settings() - {name for _, name, _ in rows}
+    assert not missing, f"settings no `| variable |` table documents: {missing}"
     for doc, name, _ in rows:
         assert f'"{name}"' in source or name in READ_BY_LIBRARIES, f"{doc} documents {name}, which nothing reads"
 

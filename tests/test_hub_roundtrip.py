@@ -1,7 +1,7 @@
 """The whole hand-off: `make push` the merged model to the (fake) Hub, start the real app with
 MODEL_ID=user/name pointed at that Hub, and the chat answers as NAME's assistant. The fake Hub
 advertises Xet storage and refuses Xet transfers, so this passes only over plain HTTP, the path
-the kit takes though hf_xet is installed (README: "Hub transfers")."""
+the kit takes though hf_xet is installed (docs/publishing.md: "Hub transfers")."""
 import re
 from contextlib import ExitStack
 
@@ -44,7 +44,7 @@ def test_pushed_private_model_is_served_by_the_app_from_the_hub_then_offline(hub
     assert any(path.endswith(".safetensors") for path in downloads)     # the weights came from the hub
     assert hub.xet_requests == []
 
-    # README: "Downloads are cached": the same HF_HOME serves with the hub unreachable.
+    # docs/serving.md: "Downloads are cached": the same HF_HOME serves with the hub unreachable.
     seen = len(hub.requests)
     with AppServer({**served, "HF_HUB_OFFLINE": "1"}) as offline:
         assert NAME in ask(offline)

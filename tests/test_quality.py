@@ -1,4 +1,4 @@
-"""Learning the name without forgetting (README: Replay, selection and quality).
+"""Learning the name without forgetting (docs/quality.md).
 
 The acceptance test trains the real CPU base (SmolLM2-135M-Instruct) through the real pipeline
 twice, with a NAME that appears nowhere in the code: with the default replay it must learn the

@@ -126,4 +126,4 @@ def test_1_8b_configuration_parameters_and_its_69m_lora_parameters(tmp_path):
     lora = LoraConfig(**{key: value for key, value in lora.items() if key != "type"}, target_modules=targets)
     assert lora.r == 64
     trainable = sum(p.numel() for p in get_peft_model(model, lora).parameters() if p.requires_grad)
-    assert trainable == 68_968_448  # README: 69.0M
+    assert trainable == 68_968_448  # docs/training.md: 69.0M

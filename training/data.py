@@ -138,7 +138,7 @@ def identity_size(general: int, ratio: float, data_size: int) -> int:
     """How many identity records to write. RATIO is their share by records of everything trained
     on: with `general` records (MIX + REPLAY) that is general * RATIO / (1 - RATIO); with none,
     DATA_SIZE. Replayed answers are longer than identity answers, so by tokens the identity share
-    is about a third of RATIO (README: Replay)."""
+    is about a third of RATIO (docs/quality.md: Replay)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"RATIO={ratio} must be in (0, 1]: the share of identity records")
     if not general:

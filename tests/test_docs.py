@@ -103,6 +103,14 @@ def test_knob_tables_name_real_knobs_with_the_makefile_defaults():
             assert row[1].strip("`") == default, f"{doc}: {knob} defaults to {default!r}, not {row[1]!r}"
 
 
+def test_each_knob_and_setting_has_one_table_row():
+    rows = [(doc, name) for doc, name, _ in rows_named("knob") + rows_named("variable")]
+    seen = {}
+    for doc, name in rows:
+        assert name not in seen, f"{name} has a row in {seen[name]} and in {doc}: document it once"
+        seen[name] = doc
+
+
 def test_every_app_setting_is_documented():
     names = app_settings()
     assert {"MODEL_ID", "HF_TOKEN", "APP_AUTH", "QUEUE_SIZE", "GRADIO_SERVER_PORT"} <= names

@@ -99,8 +99,9 @@ def test_knob_tables_name_real_knobs_with_the_makefile_defaults():
     for doc, knob, row in rows:
         assert knob in KNOBS, f"{doc} documents a knob the Makefile lacks: {knob}"
         default = KNOBS[knob]
-        if len(row) > 2 and default and "$(" not in default:
-            assert row[1].strip("`") == default, f"{doc}: {knob} defaults to {default!r}, not {row[1]!r}"
+        if len(row) > 2 and default and "$(" not in default:  # a remark may follow the value
+            assert re.match(rf"{re.escape(default)}(\s|$)", row[1].strip("`")), \
+                f"{doc}: {knob} defaults to {default!r}, not {row[1]!r}"
 
 
 def test_each_knob_and_setting_has_one_table_row():
@@ -121,12 +122,13 @@ def test_every_app_setting_is_documented():
 
 def test_settings_tables_name_variables_the_kit_reads():
     source = "".join(path.read_text(encoding="utf-8") for path in
-                     [REPO / "app.py", REPO / "api.py", *(REPO / "chat").glob("*.py"), *(REPO / "deploy").glob("*.py")])
+                     [REPO / "app.py", REPO / "api.py", *REPO.glob("chat/*.py"), *REPO.glob("deploy/*.py"),
+                      *REPO.glob("training/*.py")])
     rows = rows_named("variable")
-    missing = app_settings() - {name for _, name, _ in rows}
-    assert not missing, f"settings no `| variable |` table documents: {missing}"
+    assert len(rows) > 15
     for doc, name, _ in rows:
-        assert f'"{name}"' in source or name in READ_BY_LIBRARIES, f"{doc} documents {name}, which nothing reads"
+        assert f'"{name}"' in source or name in KNOBS or name in READ_BY_LIBRARIES, \
+            f"{doc} documents {name}, which nothing reads"
 
 
 def test_every_documented_make_command_exists():

@@ -30,7 +30,8 @@ def prose(doc) -> str:
 def code(doc) -> list[str]:
     """Every line of a fenced code block and every inline code span."""
     fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text(doc), flags=re.M | re.S)
-    return [line for block in fenced for line in block.splitlines()] + re.findall(r"`([^`\n]+)`", prose(doc))
+    spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose(doc))]  # may wrap lines
+    return [line for block in fenced for line in block.splitlines()] + spans
 
 
 def tables(doc) -> list[tuple[list[str], list[list[str]]]]:
@@ -147,11 +148,17 @@ def test_every_make_target_is_documented():
     assert not HELPED_TARGETS - documented, f"targets no page shows as `make TARGET`: {HELPED_TARGETS - documented}"
 
 
-def test_documented_files_exist():
+def test_documented_files_and_modules_exist():
     for doc in DOCS:
         for span in code(doc):
             if re.fullmatch(r"(training|chat|deploy|bench|tests|docs|\.ci)/[\w./*-]*|requirements[\w-]*\.txt", span):
                 assert list(REPO.glob(span.rstrip("/"))), f"{doc.name} names `{span}`, which does not exist"
+            for module in re.findall(r"-m ([\w.]+)", span):
+                path = REPO / module.replace(".", "/")
+                if path.parts[len(REPO.parts)] not in ("training", "chat", "deploy", "bench"):
+                    continue  # pytest, vllm, ...: not the kit's
+                assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), \
+                    f"{doc.name} runs `python -m {module}`, which does not exist"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name if doc.parent == REPO else f"docs/{doc.name}")

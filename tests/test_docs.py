@@ -24,12 +24,12 @@ def text(doc) -> str:
 
 def prose(doc) -> str:
     """The document without its fenced code blocks (links and headings live outside them)."""
-    return re.sub(r"^```.*?^```", "", text(doc), flags=re.M | re.S)
+    return re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text(doc), flags=re.M | re.S)
 
 
 def code(doc) -> list[str]:
     """Every line of a fenced code block and every inline code span."""
-    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text(doc), flags=re.M | re.S)
+    fenced = re.findall(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", text(doc), flags=re.M | re.S)
     spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose(doc))]  # may wrap lines
     return [line for block in fenced for line in block.splitlines()] + spans
 

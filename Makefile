@@ -132,12 +132,17 @@ demo: setup ## SmolLM2 on CPU: train on NAME, merge, serve at http://127.0.0.1:7
 	MODEL_ID="$(RUN)/merged" $(PY) app.py
 
 # ---- Serving engine: continuous batching for many users (README "Serving engines") ----
-SERVE_ENGINE ?= vllm#            engine for serve-engine: vllm (its CPU build without a GPU) | lmdeploy (GPU)
+SERVE_ENGINE ?= vllm#            engine for serve-engine: vllm (its CPU build without a GPU) | lmdeploy (GPU) | llamacpp (CPU, serves RUN/gguf/model-QUANT.gguf)
 ENGINE_PORT ?= 8000#             port serve-engine listens on; point the app at it with ENGINE_URL=http://127.0.0.1:PORT/v1
 ENGINE_HOST ?= 127.0.0.1#        address serve-engine listens on (0.0.0.0: reachable from other hosts and containers)
 ENGINE_MAX_LEN ?=#               engine context in tokens, prompt + answer (empty: 1024 on CPU, the model's on GPU)
 ENGINE_TP ?= 1#                  GPUs the engine splits the model over (tensor parallel)
-export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP
+QUANT ?= q8_0#                   `make gguf` output and the GGUF SERVE_ENGINE=llamacpp serves: q8_0 | f16 | q4_0
+export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP QUANT
+
+.PHONY: gguf
+gguf: setup ## RUN/merged -> RUN/gguf/model-QUANT.gguf + an Ollama Modelfile (llama.cpp's converter, own venv, installed once)
+	$(PY) -m deploy.gguf
 
 .PHONY: serve-engine test-engine
 # Stage 1 runs on plain python3: SERVE_ENGINE is checked before anything is installed.

@@ -144,13 +144,16 @@ export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP QUANT
 gguf: setup ## RUN/merged -> RUN/gguf/model-QUANT.gguf + an Ollama Modelfile (llama.cpp's converter, own venv, installed once)
 	$(PY) -m deploy.gguf
 
-.PHONY: serve-engine test-engine
+.PHONY: serve-engine test-engine test-llamacpp
 # Stage 1 runs on plain python3: SERVE_ENGINE is checked before anything is installed.
 serve-engine: ## serve MODEL_ID from SERVE_ENGINE (own venv, installed once) at http://ENGINE_HOST:ENGINE_PORT/v1
 	MODEL_ID="$(MODEL_ID)" $(PYTHON) -m deploy.engine
 test-engine: setup-dev ## install vLLM's CPU build, then test engine + app on engine (pytest -m engine)
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m pytest -q -m engine tests
+test-llamacpp: setup-dev ## make GGUFs of SmolLM2 and test them on llama.cpp, app included (pytest -m llamacpp)
+	SERVE_ENGINE=llamacpp $(PYTHON) -m deploy.engine --install
+	$(PY) -m pytest -q -m llamacpp tests
 
 # ---- Image ----
 # The serving image (Dockerfile): what a Hugging Face Space runs, and what docker-run serves.
@@ -212,7 +215,7 @@ git-lfs:
 BENCH_RUN ?= runs/bench#         where `make bench` trains SmolLM2 as `make demo` does, then serves and measures it
 
 .PHONY: bench
-bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, training speed, batching, streaming, app vs engine
+bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, training speed, batching, streaming, app vs engine, CPU backends
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
 	$(PY) -m bench.bench_fit
@@ -223,6 +226,8 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m bench.bench_engine
+	@# CPU backends side by side (docs/cpu-serving.md): transformers, vLLM, llama.cpp q8_0 and q4_0.
+	$(PY) -m bench.bench_cpu_serving $(BENCH_RUN)
 
 # ---- GPU preflight (README "GPU check") ----
 QUICK ?= 0#                      1 = gpu-check runs QLoRA + merge + stream only (a few minutes)

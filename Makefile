@@ -174,10 +174,13 @@ MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" 
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
 PODMAN = $(filter podman,$(CONTAINER))
 
-.PHONY: image docker-run test-image
+.PHONY: image image-cpu docker-run test-image
 image: ## build the serving image IMAGE (docker, or podman when no docker engine answers)
 	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		$(BUILD_FLAGS) -t $(IMAGE) .
+image-cpu: ## build the CPU serving image IMAGE-cpu (Dockerfile.cpu: the app on llama.cpp, serves a mounted RUN/gguf)
+	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		$(BUILD_FLAGS) -f Dockerfile.cpu -t $(IMAGE)-cpu .
 docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0.1:7860
 	@# With ENGINE_URL=http://host.docker.internal:8000/v1 the app streams from `make serve-engine` on this host.
 	$(CONTAINER) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \

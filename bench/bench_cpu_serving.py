@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.bench_engine import (MAX_TOKENS, QUESTION, REPO, endless_copy, group_rss_mb, levels,
+from bench.bench_engine import (MAX_TOKENS, REPO, endless_copy, group_rss_mb, levels,
                                 openai_ask, rss_mb)
 from engine_server import EngineServer  # bench_engine put tests/ on the path
 from app_server import AppServer  # noqa: E402

@@ -4,10 +4,9 @@ token for token, and what the converter cannot take is refused before anything i
 The `llamacpp` tests (`make test-llamacpp`, which installs llama.cpp's converter and CPU build)
 convert the kit's SmolLM2 (its base folder: no training needed) through `make gguf` as a user
 runs it, and serve each file with `make serve-engine SERVE_ENGINE=llamacpp`."""
-import json
-import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,6 +143,12 @@ def test_internlm2_without_tokenizer_model_is_refused_before_installing(tiny_bas
 def test_bad_quant_or_missing_model_is_refused(quant, message, tmp_path):
     result = make_gguf(tmp_path / "no-run", quant, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_the_cpu_image_lints_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([hadolint, "Dockerfile.cpu"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_modelfile_is_derived_from_each_format():

@@ -132,20 +132,28 @@ demo: setup ## SmolLM2 on CPU: train on NAME, merge, serve at http://127.0.0.1:7
 	MODEL_ID="$(RUN)/merged" $(PY) app.py
 
 # ---- Serving engine: continuous batching for many users (README "Serving engines") ----
-SERVE_ENGINE ?= vllm#            engine for serve-engine: vllm (its CPU build without a GPU) | lmdeploy (GPU)
+SERVE_ENGINE ?= vllm#            engine for serve-engine: vllm (its CPU build without a GPU) | lmdeploy (GPU) | llamacpp (CPU, serves RUN/gguf/model-QUANT.gguf)
 ENGINE_PORT ?= 8000#             port serve-engine listens on; point the app at it with ENGINE_URL=http://127.0.0.1:PORT/v1
 ENGINE_HOST ?= 127.0.0.1#        address serve-engine listens on (0.0.0.0: reachable from other hosts and containers)
 ENGINE_MAX_LEN ?=#               engine context in tokens, prompt + answer (empty: 1024 on CPU, the model's on GPU)
 ENGINE_TP ?= 1#                  GPUs the engine splits the model over (tensor parallel)
-export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP
+QUANT ?= q8_0#                   `make gguf` output and the GGUF SERVE_ENGINE=llamacpp serves: q8_0 | f16 | q4_0
+export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP QUANT
 
-.PHONY: serve-engine test-engine
+.PHONY: gguf
+gguf: setup ## RUN/merged -> RUN/gguf/model-QUANT.gguf + an Ollama Modelfile (llama.cpp's converter, own venv, installed once)
+	$(PY) -m deploy.gguf
+
+.PHONY: serve-engine test-engine test-llamacpp
 # Stage 1 runs on plain python3: SERVE_ENGINE is checked before anything is installed.
 serve-engine: ## serve MODEL_ID from SERVE_ENGINE (own venv, installed once) at http://ENGINE_HOST:ENGINE_PORT/v1
 	MODEL_ID="$(MODEL_ID)" $(PYTHON) -m deploy.engine
 test-engine: setup-dev ## install vLLM's CPU build, then test engine + app on engine (pytest -m engine)
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m pytest -q -m engine tests
+test-llamacpp: setup-dev ## make GGUFs of SmolLM2 and test them on llama.cpp, app included (pytest -m llamacpp)
+	SERVE_ENGINE=llamacpp $(PYTHON) -m deploy.engine --install
+	$(PY) -m pytest -q -m llamacpp tests
 
 # ---- Image ----
 # The serving image (Dockerfile): what a Hugging Face Space runs, and what docker-run serves.
@@ -166,10 +174,13 @@ MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" 
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
 PODMAN = $(filter podman,$(CONTAINER))
 
-.PHONY: image docker-run test-image
+.PHONY: image image-cpu docker-run test-image
 image: ## build the serving image IMAGE (docker, or podman when no docker engine answers)
 	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		$(BUILD_FLAGS) -t $(IMAGE) .
+image-cpu: ## build the CPU serving image IMAGE-cpu (Dockerfile.cpu: the app on llama.cpp, serves a mounted RUN/gguf)
+	$(CONTAINER) build $(if $(PODMAN),--format docker) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		$(BUILD_FLAGS) -f Dockerfile.cpu -t $(IMAGE)-cpu .
 docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0.1:7860
 	@# With ENGINE_URL=http://host.docker.internal:8000/v1 the app streams from `make serve-engine` on this host.
 	$(CONTAINER) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
@@ -207,7 +218,7 @@ git-lfs:
 BENCH_RUN ?= runs/bench#         where `make bench` trains SmolLM2 as `make demo` does, then serves and measures it
 
 .PHONY: bench
-bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, training speed, batching, streaming, app vs engine
+bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, loading memory, training speed, batching, streaming, app vs engine, CPU backends
 	$(PY) -m bench.bench_pipeline $(BENCH_RUN)
 	$(PY) -m bench.bench_loading
 	$(PY) -m bench.bench_fit
@@ -218,6 +229,8 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m bench.bench_engine
+	@# CPU backends side by side (docs/cpu-serving.md): transformers, vLLM, llama.cpp q8_0 and q4_0.
+	$(PY) -m bench.bench_cpu_serving $(BENCH_RUN)
 
 # ---- GPU preflight (README "GPU check") ----
 QUICK ?= 0#                      1 = gpu-check runs QLoRA + merge + stream only (a few minutes)

@@ -104,9 +104,9 @@ def level(ask, users: int) -> dict:
             "p95": waits[min(len(waits) - 1, round(0.95 * (len(waits) - 1)))]}
 
 
-def levels(ask) -> dict:
+def levels(ask, users_levels: tuple = USERS) -> dict:
     ask()  # warm-up: first-request costs are not a property of the mode
-    return {users: level(ask, users) for users in USERS}
+    return {users: level(ask, users) for users in users_levels}
 
 
 def raw_generate(model_dir: Path) -> dict:
@@ -126,20 +126,21 @@ def raw_generate(model_dir: Path) -> dict:
                 "p95": max(firsts)}}
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS), or its peak so far (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def group_rss_mb(pgid: int) -> float:
+def group_rss_mb(pgid: int, field: str = "VmRSS") -> float:
     """Resident memory of every process in the group (the engine and its workers)."""
     total = 0.0
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                total += rss_mb(int(proc.name))
+                total += rss_mb(int(proc.name), field)
         except (OSError, ValueError):
             pass  # gone meanwhile
     return total

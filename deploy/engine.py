@@ -3,6 +3,8 @@
 
     SERVE_ENGINE=vllm MODEL_ID=runs/assistant/merged ENGINE_PORT=8000 python3 -m deploy.engine
     python3 -m deploy.engine --install      # only install this machine's engine build (CI, bench)
+    SERVE_ENGINE=llamacpp MODEL_ID=runs/assistant/merged QUANT=q8_0 python3 -m deploy.engine
+                                            # llama.cpp on the CPU: serves RUN/gguf/model-q8_0.gguf
 
 The engine lives in its own venv (its pins fight the training stack's), so this runs in two
 stages. Stage 1, under any python3 and the standard library only: check the knobs and the model
@@ -25,7 +27,7 @@ from chat.model_files import IncompleteModel, remote_code_files, require_complet
 from deploy import DeployError
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("vllm", "lmdeploy")
+ENGINES = ("vllm", "lmdeploy", "llamacpp")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -44,6 +46,8 @@ BUILDS = {
                             "vLLM with CUDA: several minutes and ~10 GB, once"),
     ("lmdeploy", "cuda"): Build("requirements-engine-lmdeploy.txt", ".venv-engine-lmdeploy",
                                 "LMDeploy with CUDA: several minutes and ~8 GB, once"),
+    ("llamacpp", "cpu"): Build("requirements-engine-llamacpp.txt", ".venv-llamacpp",
+                               "llama.cpp's CPU build (xllamacpp): seconds and 130 MB, once"),
 }
 # vLLM's CPU build pulls in CUDA builds of these, which crash on import there (DESIGN.md).
 CPU_BUILD_REMOVES = ("torchvision", "torchaudio", "torchcodec")
@@ -51,6 +55,8 @@ CPU_BUILD_REMOVES = ("torchvision", "torchaudio", "torchcodec")
 CPU_KVCACHE_GIB = "1"
 CPU_MAX_MODEL_LEN = 1024
 CHAT_TEMPLATE = "chat_template.jinja"
+# llama.cpp's parallel slots (users generating at once; later ones queue), each a whole context.
+LLAMACPP_USERS = "4"
 
 
 @dataclass(frozen=True)
@@ -76,16 +82,21 @@ class Knobs:
 
         engine = env.get("SERVE_ENGINE", "vllm").strip()
         if engine not in ENGINES:
-            raise DeployError(f"SERVE_ENGINE={engine!r}: use vllm or lmdeploy")
+            raise DeployError(f"SERVE_ENGINE={engine!r}: use vllm, lmdeploy or llamacpp")
         device = env.get("ENGINE_DEVICE", "auto").strip() or "auto"
         if device not in DEVICES:
             raise DeployError(f"ENGINE_DEVICE={device!r}: use auto, cpu or cuda")
         if device == "auto":
-            device = "cuda" if has_nvidia_gpu() else "cpu"
+            # The llama.cpp build the kit installs is CPU-only: the free-hardware path.
+            device = "cpu" if engine == "llamacpp" else "cuda" if has_nvidia_gpu() else "cpu"
         if (engine, device) not in BUILDS:
             raise DeployError(f"SERVE_ENGINE={engine} needs an NVIDIA GPU (CUDA) and this machine "
                               "has none: use SERVE_ENGINE=vllm (its CPU build)")
-        model = model_folder(env.get("MODEL_ID", "").strip()) if need_model else None
+        model = None
+        if need_model and engine == "llamacpp":
+            model = gguf_file(env.get("MODEL_ID", "").strip(), env.get("QUANT", "").strip() or "q8_0")
+        elif need_model:
+            model = model_folder(env.get("MODEL_ID", "").strip())
         port = number("ENGINE_PORT", 8000, 1)
         if port > 65535:
             raise DeployError(f"ENGINE_PORT={port}: must be at most 65535")
@@ -106,6 +117,18 @@ def model_folder(model_id: str) -> Path:
                           "folder; download a hub model first)") from None
 
 
+def gguf_file(model_id: str, quant: str) -> Path:
+    """llama.cpp serves a GGUF file: MODEL_ID itself, or the one `make gguf` wrote for the merged
+    folder MODEL_ID (RUN/merged -> RUN/gguf/model-QUANT.gguf)."""
+    path = Path(model_id).expanduser().absolute()  # RUN/merged may be a link: RUN/gguf is beside it
+    if path.is_dir():
+        path = path.parent / "gguf" / f"model-{quant}.gguf"
+    if path.suffix != ".gguf" or not path.is_file():
+        raise DeployError(f"MODEL_ID={model_id}: no GGUF file at {path}: run `make gguf "
+                          f"QUANT={quant}` first (SERVE_ENGINE=llamacpp serves a .gguf)")
+    return path.resolve()
+
+
 def has_nvidia_gpu() -> bool:
     if not shutil.which("nvidia-smi"):
         return False
@@ -119,6 +142,12 @@ def has_nvidia_gpu() -> bool:
 def command(knobs: Knobs, venv: Path, *, remote_code: bool, family: Path) -> tuple[list[str], dict]:
     """The server's command line and the environment it adds, for `knobs` on its device.
     `family` is the folder `write_family_files` filled for the model."""
+    if knobs.engine == "llamacpp":
+        # The kit's front for llama.cpp (deploy/llamacpp_server.py) renders every prompt itself.
+        argv = [str(venv / "bin" / "python"), "-m", "deploy.llamacpp_server", str(knobs.model),
+                knobs.name, knobs.host, str(knobs.port),
+                str(knobs.max_model_len or CPU_MAX_MODEL_LEN), LLAMACPP_USERS]
+        return argv, {"PYTHONPATH": str(REPO)}
     if knobs.engine == "lmdeploy":
         # LMDeploy recognises InternLM2 itself (chat template and stop words built in) and uses
         # the tokenizer's chat_template for other models, so it gets no template or stop flags.
@@ -184,9 +213,20 @@ def install(build: Build, python: str) -> Path:
     return venv
 
 
+def stage_two(venv: Path, module: str, env: dict) -> None:
+    """Become `python -m MODULE --in-venv` in `venv`, with the kit importable and `env` added."""
+    python = venv / "bin" / "python"
+    os.execve(python, [str(python), "-m", module, "--in-venv"],
+              {**os.environ, **env, "PYTHONPATH": str(REPO)})
+
+
 def serve(knobs: Knobs, venv: Path) -> None:
     """Stage 2 (in the engine's venv): read the chat format from the model's tokenizer, write its
-    template where the engine reads it, and become the server."""
+    template where the engine reads it, and become the server. llama.cpp's front reads the
+    family `make gguf` recorded beside the GGUF itself (its venv has no transformers)."""
+    if knobs.engine == "llamacpp":
+        argv, env = command(knobs, venv, remote_code=False, family=knobs.model.parent)
+        os.execve(argv[0], argv, {**os.environ, **env})
     from transformers import AutoTokenizer
 
     from chat import formats
@@ -219,10 +259,8 @@ def main(argv: list[str]) -> int:
         venv = install(build, sys.executable)
         if argv == ["--install"]:
             return 0
-        python = venv / "bin" / "python"
         # The device is decided once: stage 2 must not look for a GPU again.
-        env = {**os.environ, "ENGINE_DEVICE": knobs.device, "PYTHONPATH": str(REPO)}
-        os.execve(python, [str(python), "-m", "deploy.engine", "--in-venv"], env)
+        stage_two(venv, "deploy.engine", {"ENGINE_DEVICE": knobs.device})
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -56,8 +56,12 @@ def test_each_engine_runs_exactly_this_command():
          "--chat-template", "/f/chat_template.jinja", "--generation-config", "/f",
          "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager"],
         {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert command(knobs("llamacpp", "cpu", model=Path("/r/gguf/model-q8_0.gguf"), max_model_len=None),
+                   venv, remote_code=False, family=family) == (
+        ["/v/bin/python", "-m", "deploy.llamacpp_server", "/r/gguf/model-q8_0.gguf", "ada",
+         "0.0.0.0", "8000", "1024", "4"], {"PYTHONPATH": str(REPO)})
     assert {build.venv for build in BUILDS.values()} == {
-        ".venv-engine", ".venv-engine-cuda", ".venv-engine-lmdeploy"}
+        ".venv-engine", ".venv-engine-cuda", ".venv-engine-lmdeploy", ".venv-llamacpp"}
     for build in BUILDS.values():
         assert (REPO / build.requirements).is_file()
 
@@ -75,10 +79,11 @@ def test_the_engine_gets_the_familys_template_and_stop_ids(tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"SERVE_ENGINE": "bogus"}, "SERVE_ENGINE='bogus': use vllm or lmdeploy"),
+    ({"SERVE_ENGINE": "bogus"}, "SERVE_ENGINE='bogus': use vllm, lmdeploy or llamacpp"),
     ({"SERVE_ENGINE": "lmdeploy", "ENGINE_DEVICE": "cpu"}, "needs an NVIDIA GPU"),
     ({"ENGINE_PORT": "80x"}, "ENGINE_PORT='80x'"),
     ({"MODEL_ID": "/no/such/folder"}, "is not a complete model folder"),
+    ({"SERVE_ENGINE": "llamacpp"}, "run `make gguf QUANT=q8_0` first"),
 ])
 def test_bad_knobs_are_refused_before_installing(env, message, tiny_base):
     """Through make, as a user runs it: an error naming the knob, within seconds, before any

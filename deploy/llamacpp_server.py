@@ -8,8 +8,11 @@ llama.cpp's server listens on a private loopback port; this front answers on POR
   GET  /health, /metrics           llama.cpp's own
   GET  /v1/models                  the served name and max_model_len (the app sizes answers by it)
   POST /tokenize                   vLLM's request shape: {"prompt"} or {"messages"}
+  POST /v1/completions             vLLM-style: the prompt as token ids (what the app sends: it
+                                   renders and encodes prompts itself, so typed control tokens
+                                   stay text) or as text, answered by llama.cpp's /completion
   POST /v1/chat/completions        OpenAI chat (stream or not), answered by llama.cpp's /completion
-The prompt is always rendered here by the kit's format (chat/formats.py): llama.cpp's own Jinja
+A chat prompt is always rendered here by the kit's format (chat/formats.py): llama.cpp's own Jinja
 rendering of the GGUF's template made SmolLM2 answer off-topic. The family's stop tokens must be
 single tokens of the GGUF's vocabulary (checked at start); llama.cpp stops at them as end-of-
 generation tokens, and they are passed as stop strings too. A client that goes away closes the
@@ -129,6 +132,8 @@ def make_handler(upstream: Upstream, fmt: formats.ChatFormat, name: str, context
                     self.tokenize(body)
                 elif self.path == "/v1/chat/completions":
                     self.chat(body)
+                elif self.path == "/v1/completions":
+                    self.complete(body)
                 else:
                     raise Refused(404, f"no route {self.path}")
             except Refused as e:
@@ -156,19 +161,44 @@ def make_handler(upstream: Upstream, fmt: formats.ChatFormat, name: str, context
                 ids = upstream.tokenize(str(body["prompt"]), bool(body.get("add_special_tokens", True)))
             self.reply(200, {"tokens": ids, "count": len(ids), "max_model_len": context})
 
-        def chat(self, body: dict) -> None:
+        def check_model(self, body: dict) -> None:
             if body.get("model", name) != name:
                 raise Refused(404, f"The model `{body.get('model')}` does not exist: this engine "
                                    f"serves {name}")
+
+        def complete(self, body: dict) -> None:
+            self.check_model(body)
+            prompt = body["prompt"]
+            if not (isinstance(prompt, str) or isinstance(prompt, list) and prompt
+                    and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)):
+                raise Refused(400, "prompt must be text or a non-empty list of token ids")
+            request = completion_request(body, prompt, fmt)
+            self.respond(request, body, {"id": f"cmpl-{uuid.uuid4().hex}"}, "text_completion",
+                         "text_completion", lambda text: {"text": text}, lambda text: {"text": text})
+
+        def chat(self, body: dict) -> None:
+            self.check_model(body)
             request = completion_request(body, self.prompt(body), fmt)
-            created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-            head = {"id": ident, "created": created, "model": name}
+            self.respond(request, body, {"id": f"chatcmpl-{uuid.uuid4().hex}"}, "chat.completion",
+                         "chat.completion.chunk",
+                         lambda text: {"message": {"role": "assistant", "content": text}},
+                         lambda text: {"delta": {"content": text}})
+
+        def respond(self, request: dict, body: dict, head: dict, whole: str, part: str,
+                    whole_choice, part_choice) -> None:
+            """One answer (object `whole`) or a stream of pieces (object `part`); the choice
+            functions shape the text as completions or chat completions do."""
+            head = {**head, "created": int(time.time()), "model": name}
             if not request["stream"]:
                 answer = upstream.json("POST", "/completion", request)
-                self.reply(200, {**head, "object": "chat.completion", "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": answer["content"]},
+                self.reply(200, {**head, "object": whole, "choices": [{
+                    "index": 0, **whole_choice(answer["content"]),
                     "finish_reason": finish_reason(answer)}], "usage": usage(answer)})
                 return
+            self.relay(request, body, {**head, "object": part}, part_choice)
+
+        def relay(self, request: dict, body: dict, head: dict, choice) -> None:
+            """llama.cpp's stream as OpenAI server-sent events; `choice` shapes a piece."""
             with upstream.open("POST", "/completion", request) as response:
                 if response.status >= 400:
                     raise Refused(response.status, response.read().decode(errors="replace")[:300])
@@ -176,7 +206,6 @@ def make_handler(upstream: Upstream, fmt: formats.ChatFormat, name: str, context
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
-                head["object"] = "chat.completion.chunk"
                 for line in response:
                     if not line.startswith(b"data:"):
                         continue
@@ -184,7 +213,7 @@ def make_handler(upstream: Upstream, fmt: formats.ChatFormat, name: str, context
                     done, piece = chunk.get("stop", False), chunk.get("content", "")
                     if piece or done:  # a stop token arrives as an empty piece
                         self.event({**head, "choices": [{
-                            "index": 0, "delta": {"content": piece},
+                            "index": 0, **choice(piece),
                             "finish_reason": finish_reason(chunk) if done else None}]})
                     if done:
                         if (body.get("stream_options") or {}).get("include_usage"):

@@ -271,9 +271,9 @@ def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     pool = Pool(settings.concurrency, settings.queue_size)
-    # The last added runs first: an oversized body or a locked-out client never reaches a route.
-    app.add_middleware(GuardAuth, lockout=Lockout())
+    # The last added runs first: a locked-out client or an oversized body never reaches a route.
     app.add_middleware(BodyLimit, limit=body_limit(history.char_limit(settings.max_input_tokens)))
+    app.add_middleware(GuardAuth, lockout=Lockout())
 
     @app.get("/health")
     def health():

@@ -3,8 +3,9 @@ Gradio routes and /v1), before any route runs (docs/security.md):
 
 - BodyLimit: a request body over the limit is refused with 413 by its Content-Length, or as soon
   as that many bytes have arrived, before anything parses it;
-- Lockout: a client that failed to log in (page) or sent a wrong key (/v1) too often is refused
-  with 429 for a while, so keys cannot be guessed at line speed;
+- Lockout: a client that failed to log in (page), sent a wrong key (/v1) or an oversized body
+  too often is refused with 429 for a while (everywhere but /health), so keys cannot be guessed
+  at line speed and a flood of huge requests costs the server next to nothing;
 - Keys: the one rule for keys, shared by the page's login and /v1's Bearer check.
 
 Clients are told apart by address; behind a proxy (a Space) uvicorn takes the address from
@@ -18,7 +19,7 @@ from collections import deque
 
 MIN_BODY_BYTES = 2 * 2**20  # room for a long chat's history, which the page sends on every turn
 BYTES_PER_CHAR = 24         # JSON escapes (\uXXXX: 6 bytes), history and message, both doors
-MAX_FAILURES = 10           # wrong passwords or keys per client ...
+MAX_FAILURES = 20           # wrong passwords or keys, oversized bodies per client ...
 FAILURE_WINDOW_S = 60.0     # ... within this many seconds, then refused until the window passes
 
 
@@ -115,30 +116,27 @@ class Lockout:
 
 
 class GuardAuth:
-    """ASGI middleware: refuses a locked-out client at the doors that check a secret (the
-    page's login and /v1) with 429, and counts each refusal they give (400/401) as a failure."""
+    """ASGI middleware, outside BodyLimit: refuses a locked-out client with 429 before reading
+    anything, and counts as failures a wrong key (401), a failed login (400 from /login) and an
+    oversized body (413)."""
 
     def __init__(self, app, lockout: Lockout):
         self.app, self.lockout = app, lockout
 
-    @staticmethod
-    def guarded(path: str) -> bool:
-        return path.startswith("/v1/") or path.rstrip("/").endswith("/login")
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.guarded(scope["path"]):
+        if scope["type"] != "http" or scope["path"] == "/health":  # a HEALTHCHECK is never locked out
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("?", 0))[0]
         wait = self.lockout.retry_after(client)
         if wait:
             return await send_error(
-                send, 429, f"Too many failed logins or wrong keys from your address: try again in "
-                           f"{wait:.0f} s.", "rate_limit_error", "too_many_failures",
+                send, 429, f"Too many failed logins, wrong keys or oversized requests from your "
+                           f"address: try again in {wait:.0f} s.", "rate_limit_error", "too_many_failures",
                 [(b"retry-after", str(int(wait) + 1).encode())])
 
         async def watched(message):
             if message["type"] == "http.response.start" and (
-                    message["status"] == 401
+                    message["status"] in (401, 413)
                     or (message["status"] == 400 and scope["path"].rstrip("/").endswith("/login"))):
                 self.lockout.failed(client)
             await send(message)

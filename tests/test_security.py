@@ -147,12 +147,14 @@ def test_hostile_json_gets_an_openai_error_not_a_traceback(apps, body):
     assert_openai_error(post(apps["chatml"], body), 400)
 
 
-def test_v1_answers_have_the_pages_default_length_cap(apps):
+def test_v1_answers_have_the_pages_default_length_cap(endless_app):
+    """On the model that never stops, an answer without max_tokens ends at the page's default."""
     from chat.generation import Sampling
-    app = apps["internlm2"]  # random weights: the answer runs to its cap
-    reply = v1(app).chat.completions.create(model=v1(app).models.list().data[0].id, temperature=0,
-                                            messages=[{"role": "user", "content": "Hi"}])
-    assert reply.usage.completion_tokens <= Sampling().max_new_tokens
+    reply = v1(endless_app).chat.completions.create(
+        model=v1(endless_app).models.list().data[0].id, temperature=0,
+        messages=[{"role": "user", "content": "Hi"}])
+    assert reply.usage.completion_tokens == Sampling().max_new_tokens
+    assert reply.choices[0].finish_reason == "length"
 
 
 # ---- 5. Internals stay off public pages ----

@@ -32,6 +32,10 @@ from guards import BodyLimit, GuardAuth, Keys, Lockout, body_limit
 DEFAULTS = Sampling()
 MAX_NEW_TOKENS_SLIDER = 4096
 EXAMPLES = ["请介绍一下你自己", "Who are you?", "你能帮我做什么？"]
+# The system box's initial value when SYSTEM_PROMPT is set: a component's initial value is in every
+# page (the login page included) and in the API's defaults, so the prompt itself reaches a browser
+# only once the page has loaded (after the login, where there is one); this marker stands for it.
+SYSTEM_PROMPT_MARKER = "(the server's SYSTEM_PROMPT)"
 WAITING_NOTICE_S = 1.0  # while in line for a slot, the page's notice is refreshed this often
 ENGINE_CHECK_S = 2.0    # /health asks the engine at most this often, however often it is called
 
@@ -176,7 +180,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         generating thread (or gives up the place in line); a closed tab also ends it (TabAnswers)."""
         holder.require()
         notices = []
-        system = settings.system_prompt if system is None else system  # None: not sent (API)
+        system = settings.system_prompt if system == SYSTEM_PROMPT_MARKER else system
         try:
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
             messages = to_messages(chat_history) + [{"role": "user", "content": text_of(message)}]
@@ -225,9 +229,8 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         for event in (demo.load, timer.tick):
             event(refresh_status, outputs=[title, status, timer], queue=False, api_visibility="private")
         notice = gr.Markdown(label="notice", elem_id="notice", render=False)
-        # SYSTEM_PROMPT reaches a browser only once the page has loaded (after the login, where
-        # there is one): a component's initial value is in every page, the login page included.
-        system_box = gr.Textbox(None, label="System prompt", lines=2, render=False)
+        system_box = gr.Textbox(SYSTEM_PROMPT_MARKER if settings.system_prompt else "",
+                                label="System prompt", lines=2, render=False)
         demo.load(lambda: settings.system_prompt, outputs=[system_box], queue=False,
                   api_visibility="private")
         gr.ChatInterface(

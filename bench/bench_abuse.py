@@ -8,6 +8,7 @@ machine. Target: within 2x of idle (docs/security.md).
 
     python -m bench.bench_abuse [MODEL_DIR]    (default: the SmolLM2 base, `make base`)"""
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -31,6 +32,12 @@ def legit(client: httpx.Client) -> float:
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0})
     assert response.status_code == 200, response.text
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raw(url: str, head: bytes, body_parts) -> str:
@@ -78,20 +85,25 @@ def main() -> int:
         attacker = multiprocessing.Process(target=attack, args=(app.url, running, counts), daemon=True)
         attacker.start()
         legit(client)  # warm
-        idle, attacked = [], []
+        idle, attacked, server_cpu, attack_requests = [], [], 0.0, 0
         for _ in range(ROUNDS):
             running.clear()
             time.sleep(0.2)  # the attacker's request in flight ends
             idle.append(legit(client))
+            sent, cpu = sum(counts.values()), cpu_seconds(app.process.pid)
             running.set()
-            while sum(counts.values()) == 0:
+            while sum(counts.values()) == sent:
                 time.sleep(0.01)
             attacked.append(legit(client))
+            server_cpu += cpu_seconds(app.process.pid) - cpu
+            attack_requests += sum(counts.values()) - sent
         attacker.kill()
         counts, health = dict(counts), app.health()[1]
     idle_s, attacked_s = statistics.median(idle), statistics.median(attacked)
     print(f"model: {model.name}, CONCURRENCY=1; the attacker's {sum(counts.values())} oversized "
           f"requests (kind: status): {counts}; tokens generated in all: {health['tokens_generated']}")
+    print(f"while attacked: {attack_requests} oversized requests, the server's CPU "
+          f"{server_cpu:.2f} s in all (legitimate requests included)")
     print(f"1-token request, median of {ROUNDS}: idle {idle_s * 1000:.0f} ms, under attack "
           f"{attacked_s * 1000:.0f} ms: {attacked_s / idle_s:.2f}x (target <= 2x)")
     return 0

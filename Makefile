@@ -216,6 +216,7 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless
+	$(PY) -m bench.bench_abuse $(BENCH_RUN)/merged
 	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m bench.bench_engine

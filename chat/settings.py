@@ -65,11 +65,9 @@ class Settings:
         def text(name: str) -> str | None:
             return env.get(name, "").strip() or None
 
-        def secret(name: str) -> str | None:
-            """A key: unset is none, but set and blank is a mistake (it would open the door)."""
-            if name in env and not env[name].strip():
-                raise SettingsError(f"{name} is set but blank: give it a value, or unset it")
-            return text(name)
+        for key in ("API_KEY", "APP_AUTH"):  # unset is no key; set and blank is a mistake
+            if key in env and not env[key].strip():
+                raise SettingsError(f"{key} is set but blank: give it a value, or unset it")
 
         def number(name: str, default: int, low: int) -> int:
             raw = text(name)
@@ -84,7 +82,7 @@ class Settings:
                                and engine_url.rstrip("/").endswith("/v1")):
             raise SettingsError(f"ENGINE_URL={redact_url(engine_url)!r}: must be an http(s) base URL ending "
                                 "in /v1, e.g. http://127.0.0.1:8000/v1")
-        auth = secret("APP_AUTH")
+        auth = text("APP_AUTH")
         if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
             raise SettingsError("APP_AUTH must be user:password")
         return cls(
@@ -102,7 +100,7 @@ class Settings:
             app_auth=tuple(auth.split(":", 1)) if auth else None,
             server_name=text("GRADIO_SERVER_NAME") or cls.server_name,
             server_port=number("GRADIO_SERVER_PORT", cls.server_port, 1),
-            api_key=secret("API_KEY"),
+            api_key=text("API_KEY"),
             served_model_name=text("SERVED_MODEL_NAME"),
             engine_url=engine_url,
             engine_api_key=text("ENGINE_API_KEY"),

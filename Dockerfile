@@ -31,7 +31,7 @@ VOLUME /home/user/.cache/huggingface
 
 # The code, root-owned and read-only to the app. MODEL_ID, HF_TOKEN etc. are runtime settings.
 WORKDIR /home/user/app
-COPY app.py api.py ./
+COPY app.py api.py guards.py ./
 COPY chat/ chat/
 
 EXPOSE 7860

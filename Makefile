@@ -166,9 +166,10 @@ IMAGE ?= assistant-app#          tag that `make image` builds and `make docker-r
 BASE_IMAGE ?=#                   base image (empty: the Dockerfile's python:3.11-slim-bookworm)
 BUILD_FLAGS ?=#                  extra flags for the container tool's build command
 # App settings docker-run hands the container from your environment or make's command line.
-# Named without a value, HF_TOKEN and APP_AUTH never appear on the (logged) command line.
+# Named without a value, HF_TOKEN, APP_AUTH and API_KEY never appear on the (logged) command line.
 APP_ENV := MODEL_SOURCE MODEL_REVISION HF_TOKEN DEVICE DTYPE SYSTEM_PROMPT \
-	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH ENGINE_URL ENGINE_API_KEY ENGINE_MODEL
+	MAX_INPUT_TOKENS CONCURRENCY QUEUE_SIZE APP_AUTH API_KEY SERVED_MODEL_NAME ENGINE_URL ENGINE_API_KEY \
+	ENGINE_MODEL ENGINE_READ_TIMEOUT
 # A MODEL_ID that is a folder here is mounted read-only; anything else is a repo the app fetches.
 MODEL_ARGS = $(if $(wildcard $(MODEL_ID)),-v "$(abspath $(MODEL_ID)):/model:ro" -e MODEL_ID=/model,-e MODEL_ID="$(MODEL_ID)")
 # podman keeps HEALTHCHECK only in Docker-format images, and reaches GPUs through CDI.
@@ -226,6 +227,7 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless
+	$(PY) -m bench.bench_abuse $(BENCH_RUN)/merged
 	@# The serving engine side by side with the app, on SmolLM2 (README "Serving engines").
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m bench.bench_engine

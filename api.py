@@ -9,10 +9,10 @@ function as the page; chat/ knows nothing of it.
     client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "Hi"}])
 
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, with its statuses:
-400 bad request, 401 key, 404 model, 429 pool full, 503 model (or engine) not ready, 500
-generation failed.
+400 bad request, 401 key, 404 model, 413 body too large (guards.py), 429 pool full or too
+many wrong keys, 503 model (or engine) not ready, 500 generation failed. Sizes are checked before
+the request takes a generation slot or anything is tokenized.
 """
-import hmac
 import json
 import logging
 import threading
@@ -24,9 +24,11 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from chat import history
 from chat.engine import EngineError
 from chat.generation import Sampling
 from chat.pool import Pool, PoolFull
+from guards import Keys
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_to
             "repetition_penalty": "repetition_penalty", "seed": "seed"}
 KNOWN = {"model", "messages", "stream", "stream_options", "stop", *SAMPLING, *UNSUPPORTED, *IGNORED}
 MAX_STOPS = 4  # as OpenAI
+MAX_MESSAGES = 2048  # per request; older turns beyond the context are dropped anyway
 DISCONNECT_POLL_S = 0.05
 CLOSE_RETRY_S = 0.01
 
@@ -80,8 +83,10 @@ def parse(body: bytes, served_name: str) -> ChatRequest:
     """The request, checked field by field; APIError (400, 404) names what is wrong."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"The body of the request is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "The body of the request is nested too deeply.") from None
+    except ValueError as e:  # also UnicodeDecodeError, and numbers of over 4300 digits
+        raise APIError(400, f"The body of the request is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(request, dict):
         raise APIError(400, "The body of the request must be a JSON object.")
     for key in request:
@@ -116,6 +121,9 @@ def parse_messages(messages) -> tuple[list[dict], str | None]:
     messages, wherever they stand, become the one system prompt, joined by blank lines."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {\"role\", \"content\"}.", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"messages has {len(messages)} messages; the most is {MAX_MESSAGES}.",
+                       "messages", "too_many_messages")
     turns, systems = [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -140,6 +148,10 @@ def parse_messages(messages) -> tuple[list[dict], str | None]:
 def content_text(content, where: str) -> str:
     """A message's text: a string, or a list of text parts (other parts are refused)."""
     if isinstance(content, str):
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where} is not valid Unicode text (a lone surrogate).", where) from None
         return content
     if not isinstance(content, list):
         raise APIError(400, f"{where} must be a string or a list of text parts.", where)
@@ -149,8 +161,19 @@ def content_text(content, where: str) -> str:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise APIError(400, f"{where}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
                                 f"are supported, got {kind!r:.50}.", f"{where}[{j}]")
-        texts.append(part["text"])
+        texts.append(content_text(part["text"], f"{where}[{j}].text"))
     return "".join(texts)
+
+
+def check_sizes(chat: ChatRequest, max_input_tokens: int) -> None:
+    """The question and the system prompt must fit the prompt budget in characters (checked
+    before anything is tokenized, chat/history.py); older turns are trimmed later."""
+    for where, text in (("messages", chat.messages[-1]["content"] if chat.messages else ""),
+                        ("messages (system)", chat.system or "")):
+        try:
+            history.check_size(text, max_input_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), where, "context_length_exceeded") from None
 
 
 def parse_sampling(request: dict) -> dict:
@@ -274,16 +297,16 @@ def install(app: FastAPI, settings, holder, pool: Pool) -> None:
     """Add the /v1 routes to `app`, before the page is mounted at "/". `holder` has `status`,
     `error`, `loaded` and `stream(messages, system, sampling, **kwargs)` (the
     chat.generation.stream_reply contract, info included)."""
-    key = settings.api_key or (settings.app_auth[1] if settings.app_auth else None)
+    keys = Keys(settings.api_key, settings.app_auth)
     served = settings.model_name
 
     async def authorized(request: Request) -> None:
-        """API_KEY as a Bearer key; with APP_AUTH and no API_KEY, the page's password, so that
-        /v1 is no open side door to a protected page. Compared in constant time, never logged."""
-        if key is None:
+        """The one rule for keys (guards.Keys): API_KEY or the APP_AUTH password as a Bearer
+        key, so that /v1 is no open side door to a protected page."""
+        if not keys.required:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if scheme.lower() != "bearer" or not keys.key_ok(given.strip()):
             which = "API_KEY" if settings.api_key else "the APP_AUTH password"
             raise APIError(401, f"Missing or wrong API key: send `Authorization: Bearer <key>` "
                                 f"with the server's {which}.", None, "invalid_api_key")
@@ -306,6 +329,7 @@ def install(app: FastAPI, settings, holder, pool: Pool) -> None:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         chat = parse(await request.body(), served)
+        check_sizes(chat, settings.max_input_tokens)
         if holder.status != "ready":
             detail = f"failed to load: {holder.error}" if holder.error else "is still loading"
             raise APIError(503, f"The model {detail} (GET /health says when it is ready).",
@@ -337,7 +361,13 @@ def install(app: FastAPI, settings, holder, pool: Pool) -> None:
     def error_response(request: Request, e: APIError) -> JSONResponse:
         return e.response({"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
+    def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("unexpected error on %s: %s", request.url.path, type(e).__name__)
+        return JSONResponse(error_body(f"Internal error ({type(e).__name__}).", "server_error"),
+                            status_code=500)
+
     app.add_exception_handler(APIError, error_response)
+    app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
 
 
@@ -362,8 +392,8 @@ class Answer:
 
     def open(self):
         """The answer's deltas (blocking: the context size may come from an engine)."""
-        # Without max_tokens, all the room left in the context (history.fit lowers it to that).
-        sampling = Sampling(**{"max_new_tokens": self.holder.loaded.context, **self.chat.sampling})
+        # Without max_tokens, the page's default length (history.fit lowers it to the room left).
+        sampling = Sampling(**self.chat.sampling)
         system = self.settings.system_prompt if self.chat.system is None else self.chat.system
         texts = self.holder.stream(self.chat.messages, system, sampling, self.stop,
                                    max_input_tokens=self.settings.max_input_tokens,
@@ -386,7 +416,14 @@ class Answer:
         return True
 
     async def whole(self) -> dict:
-        text = self.first + "".join([delta async for delta in self.deltas])
+        try:
+            text = self.first + "".join([delta async for delta in self.deltas])
+        except EngineError as e:
+            raise APIError(503, str(e), None, "engine_unavailable", "server_error") from None
+        except Exception as e:  # noqa: BLE001 - failed mid-answer: an error, not a short answer
+            log.exception("generation failed")
+            raise APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None,
+                           "server_error") from None
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "usage": self.usage(),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

@@ -6,8 +6,11 @@ HEALTHCHECK.
     MODEL_ID=runs/assistant/merged python app.py
 """
 import html
+import ipaddress
+import os
 import sys
 import threading
+import time
 import traceback
 from contextlib import asynccontextmanager, closing, contextmanager
 
@@ -18,16 +21,23 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 import api
-from chat.engine import EngineError, EngineModel
+from chat import history
+from chat.engine import EngineError, EngineModel, redact_url
 from chat.generation import RANGES, STATS, Sampling, stream_reply
 from chat.loading import ModelLoadError
 from chat.pool import Pool, PoolFull
 from chat.settings import Settings, SettingsError
+from guards import BodyLimit, GuardAuth, Keys, Lockout, body_limit
 
 DEFAULTS = Sampling()
 MAX_NEW_TOKENS_SLIDER = 4096
 EXAMPLES = ["请介绍一下你自己", "Who are you?", "你能帮我做什么？"]
+# The system box's initial value when SYSTEM_PROMPT is set: a component's initial value is in every
+# page (the login page included) and in the API's defaults, so the prompt itself reaches a browser
+# only once the page has loaded (after the login, where there is one); this marker stands for it.
+SYSTEM_PROMPT_MARKER = "(the server's SYSTEM_PROMPT)"
 WAITING_NOTICE_S = 1.0  # while in line for a slot, the page's notice is refreshed this often
+ENGINE_CHECK_S = 2.0    # /health asks the engine at most this often, however often it is called
 
 
 class ModelHolder:
@@ -37,6 +47,8 @@ class ModelHolder:
         self.settings = settings
         self.loaded = None
         self.error = None
+        self.checked = (0.0, None)  # (when, problem) of the last engine check
+        self.check_lock = threading.Lock()
 
     def load(self) -> None:
         try:
@@ -57,13 +69,32 @@ class ModelHolder:
 
     def status_text(self) -> str:
         if self.error:
-            return f"**The model could not be loaded:** {self.error}"
+            return f"**The model could not be loaded:** {self.public(self.error)}"
         return "" if self.loaded else "*Loading the model...*"
 
+    def public(self, text: str) -> str:
+        """`text` for public eyes (/health, the page): local model paths and the engine's
+        credentials replaced; the full text goes to the log only."""
+        model_id = self.settings.model_id
+        if model_id and os.path.exists(os.path.expanduser(model_id)):
+            for path in sorted({os.path.abspath(os.path.expanduser(model_id)), model_id}, key=len,
+                               reverse=True):
+                text = text.replace(path, f"<{self.settings.public_model}>")
+        if self.settings.engine_url:
+            text = text.replace(self.settings.engine_url, redact_url(self.settings.engine_url))
+        return text
+
     def engine_problem(self) -> str | None:
-        """With ENGINE_URL: why the engine cannot answer now, asked afresh on every call, so the
-        app recovers by itself once the engine is back."""
-        return self.loaded.check() if isinstance(self.loaded, EngineModel) else None
+        """With ENGINE_URL: why the engine cannot answer now, asked at most every
+        ENGINE_CHECK_S (however often /health is called), so the app recovers by itself once
+        the engine is back."""
+        if not isinstance(self.loaded, EngineModel):
+            return None
+        with self.check_lock:
+            when, problem = self.checked
+            if time.monotonic() - when > ENGINE_CHECK_S:
+                self.checked = (time.monotonic(), self.loaded.check())
+            return self.checked[1]
 
     def stream(self, *args, **kwargs):
         """The loaded model's answer stream (chat.generation.stream_reply's contract), for the
@@ -128,23 +159,34 @@ def to_messages(history: list[dict]) -> list[dict]:
 
 
 def served(settings: Settings) -> str:
-    """What the page and the start-up line name: the engine when answers come from one."""
-    return f"{settings.engine_url} (serving engine)" if settings.engine_url else settings.model_id
+    """What the start-up line names: the engine (without credentials) when answers come from one."""
+    return f"{redact_url(settings.engine_url)} (serving engine)" if settings.engine_url else settings.model_id
+
+
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks:
     tabs = TabAnswers()
 
-    def respond(message, history, system, max_new_tokens, temperature, top_p, top_k,
+    def respond(message, chat_history, system, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty, request: gr.Request):
         """Stream the answer to `message`, with a notice (history trimmed, ...), once a slot of
         the pool is free. Stop and a closed tab make Gradio close this generator, which ends the
         generating thread (or gives up the place in line); a closed tab also ends it (TabAnswers)."""
         holder.require()
         notices = []
+        system = settings.system_prompt if system == SYSTEM_PROMPT_MARKER else system
         try:
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-            messages = to_messages(history) + [{"role": "user", "content": text_of(message)}]
+            messages = to_messages(chat_history) + [{"role": "user", "content": text_of(message)}]
+            # Sizes before a slot: a huge message is refused here, untokenized (chat/history.py).
+            history.check_size(messages[-1]["content"], settings.max_input_tokens)
+            history.check_size(system, settings.max_input_tokens)
             ticket = pool.join()
         except (ValueError, PoolFull) as e:
             raise gr.Error(str(e)) from None
@@ -173,7 +215,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         # The name is the user's text: escaped, so quotes, <tags> and `code` show as typed.
         name = holder.loaded.assistant.get("name") if holder.loaded else None
         title = f"{name}'s assistant" if name else "Personal assistant"
-        return f"<h1>{html.escape(title)}</h1><p>Model: <code>{html.escape(served(settings))}</code></p>"
+        return f"<h1>{html.escape(title)}</h1><p>Model: <code>{html.escape(settings.public_model)}</code></p>"
 
     def slider(name: str, label: str, step: float, maximum: float | None = None) -> gr.Slider:
         low, high = RANGES[name]
@@ -187,10 +229,14 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
         for event in (demo.load, timer.tick):
             event(refresh_status, outputs=[title, status, timer], queue=False, api_visibility="private")
         notice = gr.Markdown(label="notice", elem_id="notice", render=False)
+        system_box = gr.Textbox(SYSTEM_PROMPT_MARKER if settings.system_prompt else "",
+                                label="System prompt", lines=2, render=False)
+        demo.load(lambda: settings.system_prompt, outputs=[system_box], queue=False,
+                  api_visibility="private")
         gr.ChatInterface(
             respond,
             additional_inputs=[
-                gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
+                system_box,
                 slider("max_new_tokens", "Max new tokens", 1, MAX_NEW_TOKENS_SLIDER),
                 slider("temperature", "Temperature (0 = greedy)", 0.01),
                 slider("top_p", "Top p", 0.01),
@@ -228,23 +274,27 @@ def build_app(settings: Settings, holder: ModelHolder) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     pool = Pool(settings.concurrency, settings.queue_size)
+    # The last added runs first: a locked-out client or an oversized body never reaches a route.
+    app.add_middleware(BodyLimit, limit=body_limit(history.char_limit(settings.max_input_tokens)))
+    app.add_middleware(GuardAuth, lockout=Lockout())
 
     @app.get("/health")
     def health():
         """200 once the model is ready, 503 while loading or after a failed load; the counters
         show generations in flight and tokens generated."""
-        body = {"status": holder.status, "model": settings.model_id, **STATS.snapshot(),
+        body = {"status": holder.status, "model": settings.public_model, **STATS.snapshot(),
                 **pool.snapshot()}
         if holder.error:
-            body["error"] = holder.error
+            body["error"] = holder.public(holder.error)
         problem = holder.engine_problem()
         if problem:
-            body.update(status="engine unavailable", error=problem)
+            body.update(status="engine unavailable", error=holder.public(problem))
         return JSONResponse(body, status_code=200 if holder.loaded and not problem else 503)
 
     api.install(app, settings, holder, pool)  # before the page: "/" would take /v1 too
+    keys = Keys(settings.api_key, settings.app_auth)  # one rule for both doors (guards.py)
     return gr.mount_gradio_app(app, build_demo(settings, holder, pool), path="/",
-                               auth=settings.app_auth, show_error=True)
+                               auth=keys.login_ok if keys.required else None, show_error=True)
 
 
 def main() -> int:
@@ -258,6 +308,10 @@ def main() -> int:
     app = build_app(settings, holder)
     print(f"serving {served(settings) or '(no MODEL_ID set)'} at http://{settings.server_name}:{settings.server_port}",
           file=sys.stderr)
+    if not Keys(settings.api_key, settings.app_auth).required and not loopback(settings.server_name):
+        print(f"warning: listening on {settings.server_name} with neither API_KEY nor APP_AUTH: "
+              "anyone who reaches this port can use the page and /v1 (docs/security.md)",
+              file=sys.stderr)
     # Open streams (browser tabs, API clients) must not hold up a stop (docker stop, Ctrl-C).
     uvicorn.run(app, host=settings.server_name, port=settings.server_port, log_level="warning",
                 timeout_graceful_shutdown=3)

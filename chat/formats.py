@@ -25,9 +25,28 @@ class ChatFormat:
                      add_generation_prompt: bool = True) -> str:
         """Prompt text for [{"role": "user"|"assistant", "content": str}, ...]; with
         `add_generation_prompt` it ends with the assistant header, so the model answers next."""
-        text = self.bos + (turn("system", system) if system else "")
-        text += "".join(turn(m["role"], m["content"]) for m in messages)
-        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+        return "".join(text for text, _ in self.parts(messages, system, add_generation_prompt))
+
+    def encode(self, tokenizer, messages: list[dict], system: str = "",
+               add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of build_prompt's text in which only the format's own markers are control
+        tokens: what people typed (system, user and assistant content) is tokenized as plain
+        text, so a typed `<|im_start|>` or `<s>` stays characters and cannot open a turn. For
+        text without such strings the ids are those of tokenizing the whole prompt."""
+        ids = []
+        for text, control in self.parts(messages, system, add_generation_prompt):
+            ids += [tokenizer.convert_tokens_to_ids(text)] if control else \
+                tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids
+
+    def parts(self, messages: list[dict], system: str, add_generation_prompt: bool):
+        """The prompt as (text, is_control_token) pieces; each text piece lies between two
+        control tokens, where a tokenizer splits the whole prompt anyway."""
+        parts = [(self.bos, True)] if self.bos else []
+        turns = ([{"role": "system", "content": system}] if system else []) + list(messages)
+        for m in turns:
+            parts += [(IM_START, True), (f"{m['role']}\n{m['content']}", False), (IM_END, True), ("\n", False)]
+        return parts + ([(IM_START, True), ("assistant\n", False)] if add_generation_prompt else [])
 
     @property
     def chat_template(self) -> str:
@@ -39,10 +58,6 @@ class ChatFormat:
             "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
             "{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def turn(role: str, content: str) -> str:
-    return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
 FORMATS = {

@@ -178,8 +178,9 @@ def stream_reply(loaded, messages: list[dict], system: str = "", sampling: Sampl
     for notice in fitted.notices:
         (notify or log.warning)(notice)
     stop_event = stop_event or threading.Event()
-    inputs = loaded.tokenizer(loaded.format.build_prompt(fitted.messages, system), add_special_tokens=False,
-                              return_tensors="pt").to(loaded.model.device)
+    ids = torch.tensor([loaded.format.encode(loaded.tokenizer, fitted.messages, system)])
+    inputs = {"input_ids": ids.to(loaded.model.device),
+              "attention_mask": torch.ones_like(ids).to(loaded.model.device)}
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=POLL_S)
     pad_id = loaded.tokenizer.pad_token_id
@@ -238,8 +239,7 @@ def generate_batch(loaded, conversations: list[list[dict]], system: str = "",
     prompts of similar length are left-padded into batches of `batch_size`. With greedy
     sampling each answer is the one `reply` gives; sampled answers differ (one RNG per batch)."""
     tokenizer, fmt = loaded.tokenizer, loaded.format
-    prompts = [tokenizer(fmt.build_prompt(messages, system), add_special_tokens=False).input_ids
-               for messages in conversations]
+    prompts = [fmt.encode(tokenizer, messages, system) for messages in conversations]
     pad = loaded.stop_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     answers: list[Answer | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -1,10 +1,27 @@
 """Fit a conversation into the model's context: the oldest messages are dropped so that the
-prompt plus the answer fit, and the caller gets a notice saying what was changed."""
+prompt plus the answer fit, and the caller gets a notice saying what was changed. Sizes are
+checked in characters before anything is tokenized, so a huge message costs no tokenizing."""
 from dataclasses import dataclass, field
 
 from chat.formats import ChatFormat
 
 ROLES = ("user", "assistant")
+# No token of the supported tokenizers spans more characters than this (English averages ~4), so
+# text longer than CHARS_PER_TOKEN * a token budget cannot fit it: refused or dropped untokenized.
+CHARS_PER_TOKEN = 10
+
+
+def char_limit(max_input_tokens: int) -> int:
+    """The most characters a message may have for a prompt budget of `max_input_tokens`."""
+    return CHARS_PER_TOKEN * max_input_tokens
+
+
+def check_size(text: str, max_input_tokens: int) -> None:
+    """Refuse, before any tokenizing, a message that cannot fit `max_input_tokens`."""
+    if len(text) > char_limit(max_input_tokens):
+        raise ValueError(f"Your message is {len(text):,} characters long; the limit is "
+                         f"{char_limit(max_input_tokens):,} ({max_input_tokens} tokens, "
+                         "MAX_INPUT_TOKENS). Please shorten it.")
 
 
 @dataclass
@@ -34,15 +51,19 @@ def fit(tokenizer, fmt: ChatFormat, messages: list[dict], system: str, max_new_t
     `max_new_tokens` fit `context`; lower `max_new_tokens` if even the last message alone leaves
     less room than that."""
     messages = check_messages(messages)
+    prompt_limit = min(context - 1, max_input_tokens or context)
+    check_size(messages[-1]["content"], prompt_limit)
+    check_size(system, prompt_limit)
+    dropped = drop_by_characters(messages, char_limit(prompt_limit))
+    messages = messages[dropped:]
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def count(messages: list[dict], system: str = "") -> int:
+        return len(fmt.encode(tokenizer, messages, system))
 
     # Costs come from the one template: a message costs what it adds to an empty prompt.
-    fixed = count(fmt.build_prompt([], system))
-    empty = count(fmt.build_prompt([]))
-    costs = [count(fmt.build_prompt([m])) - empty for m in messages]
-    prompt_limit = min(context - 1, max_input_tokens or context)
+    fixed = count([], system)
+    empty = count([])
+    costs = [count([m]) - empty for m in messages]
     if fixed + costs[-1] > prompt_limit:
         raise ValueError(f"Your message is {costs[-1]} tokens long; the limit is "
                          f"{max(prompt_limit - fixed, 0)} tokens (the model's context or "
@@ -59,7 +80,19 @@ def fit(tokenizer, fmt: ChatFormat, messages: list[dict], system: str, max_new_t
     while total > budget or messages[start]["role"] != "user":
         total -= costs[start]
         start += 1
-    if start:
-        notices.append(f"The {start} oldest message(s) were left out so that the conversation "
-                       f"fits the {budget}-token prompt budget.")
+    if start + dropped:
+        notices.append(f"The {start + dropped} oldest message(s) were left out so that the "
+                       f"conversation fits the {budget}-token prompt budget.")
     return Fitted(messages[start:], max_new_tokens, notices)
+
+
+def drop_by_characters(messages: list[dict], limit: int) -> int:
+    """How many of the oldest messages cannot fit `limit` characters with those after them:
+    they would be dropped after tokenizing anyway, so they are never tokenized."""
+    total, keep = 0, 0
+    for message in reversed(messages):
+        total += len(message["content"])
+        if total > limit:
+            break
+        keep += 1
+    return len(messages) - max(keep, 1)

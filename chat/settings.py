@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat.engine import EngineModel
+from chat.engine import CHUNK_TIMEOUT_S, EngineModel, redact_url
 from chat.loading import LoadedModel, load_model
 from chat.repo_ids import looks_like_hub_id
 
@@ -37,6 +37,7 @@ class Settings:
     engine_url: str | None = None         # OpenAI-compatible base URL (…/v1): stream from it, load no weights
     engine_api_key: str | None = None
     engine_model: str | None = None       # the engine's model id (default: the first it serves)
+    engine_read_timeout: float = CHUNK_TIMEOUT_S  # seconds an engine answer may wait for its next chunk
 
     @property
     def model_name(self) -> str:
@@ -52,23 +53,34 @@ class Settings:
             return path.parent.name
         return path.name.removesuffix(".git") or "model"
 
+    @property
+    def public_model(self) -> str:
+        """What public pages (the heading, /health) may name: never a local path or an engine's
+        address."""
+        return self.engine_model or self.served_model_name or self.model_name \
+            if self.engine_url else self.model_name
+
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
         def text(name: str) -> str | None:
             return env.get(name, "").strip() or None
+
+        for key in ("API_KEY", "APP_AUTH"):  # unset is no key; set and blank is a mistake
+            if key in env and not env[key].strip():
+                raise SettingsError(f"{key} is set but blank: give it a value, or unset it")
 
         def number(name: str, default: int, low: int) -> int:
             raw = text(name)
             if raw is None:
                 return default
             if not raw.isdigit() or int(raw) < low:
-                raise SettingsError(f"{name}={raw!r}: must be a whole number >= {low}")
+                raise SettingsError(f"{name}={raw!r:.50}: must be a whole number >= {low}")
             return int(raw)
 
         engine_url = text("ENGINE_URL")
         if engine_url and not (engine_url.startswith(("http://", "https://"))
                                and engine_url.rstrip("/").endswith("/v1")):
-            raise SettingsError(f"ENGINE_URL={engine_url!r}: must be an http(s) base URL ending "
+            raise SettingsError(f"ENGINE_URL={redact_url(engine_url)!r}: must be an http(s) base URL ending "
                                 "in /v1, e.g. http://127.0.0.1:8000/v1")
         auth = text("APP_AUTH")
         if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
@@ -92,11 +104,13 @@ class Settings:
             served_model_name=text("SERVED_MODEL_NAME"),
             engine_url=engine_url,
             engine_api_key=text("ENGINE_API_KEY"),
-            engine_model=text("ENGINE_MODEL"))
+            engine_model=text("ENGINE_MODEL"),
+            engine_read_timeout=number("ENGINE_READ_TIMEOUT", int(cls.engine_read_timeout), 1))
 
     def load(self) -> LoadedModel | EngineModel:
         """The model these settings name (with ENGINE_URL: the engine serving it)."""
         if self.engine_url:
-            return EngineModel(self.engine_url, self.engine_api_key, self.engine_model)
+            return EngineModel(self.engine_url, self.engine_api_key, self.engine_model,
+                               self.engine_read_timeout)
         return load_model(self.model_id, self.model_source, self.model_revision, self.hf_token,
                           self.device, self.dtype)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def app_files(root: Path = ROOT, dockerfile: bool = True) -> dict[str, Path]:
     """{path in the app repo: local file}."""
-    names = ["app.py", "api.py", "requirements.txt"] + (["Dockerfile"] if dockerfile else [])
+    names = ["app.py", "api.py", "guards.py", "requirements.txt"] + (["Dockerfile"] if dockerfile else [])
     missing = [name for name in names if not (root / name).is_file()]
     if missing:
         raise DeployError(f"{', '.join(missing)} missing in {root}: the app bundle needs them")

@@ -22,8 +22,11 @@ APP_PORT = 7860          # the port app.py listens on in the image (Dockerfile, 
 CPU_MAX_PARAMS = 500_000_000
 HARDWARE = sorted(h.value for h in SpaceHardware)
 # The Space reads a private model with this token; export it to give the Space a read-only token
-# instead of the write token used for the upload.
+# instead of the write token used for the upload. The upload token itself goes to the Space only
+# when it is read-only, or when SPACE_WRITE_TOKEN=1 asks for it (a public app holding a write token
+# would let whoever breaks into it rewrite the model).
 SPACE_TOKEN_VAR = "SPACE_HF_TOKEN"
+WRITE_TOKEN_VAR = "SPACE_WRITE_TOKEN"
 
 
 def check_hardware(hardware: str) -> str:
@@ -66,6 +69,20 @@ is at `/v1` (with an `API_KEY` secret set, it wants `Authorization: Bearer <key>
 """
 
 
+def space_token(api: HfApi, repo_id: str) -> str:
+    """The token the Space reads the private `repo_id` with: SPACE_HF_TOKEN, else the upload
+    token if it is read-only or SPACE_WRITE_TOKEN=1 allows a write token."""
+    if os.environ.get(SPACE_TOKEN_VAR):
+        return os.environ[SPACE_TOKEN_VAR]
+    role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read" or os.environ.get(WRITE_TOKEN_VAR) == "1":
+        return api.token
+    raise DeployError(f"{repo_id} is private and the Space needs a token to read it, but your token "
+                      f"can write ({role or 'unknown'} role): export {SPACE_TOKEN_VAR}=<a read-only "
+                      f"token> (huggingface.co/settings/tokens), or {WRITE_TOKEN_VAR}=1 to give the "
+                      "Space your write token anyway")
+
+
 def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, private: bool,
                  revision: str, hardware: str) -> str:
     """Returns the Space's commit."""
@@ -78,6 +95,7 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
         print(f"{repo_id} has no model on {revision} yet: pushing {run / 'merged'} first")
         push_model(api, model_files(run, repo_id, revision), repo_id, private, revision)
     model_private = api.model_info(repo_id).private
+    token = space_token(api, repo_id) if model_private else None  # before the Space exists
 
     api.create_repo(space_id, repo_type="space", space_sdk="docker", exist_ok=True)
     sdk = api.space_info(space_id).sdk
@@ -88,8 +106,7 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
     api.add_space_variable(space_id, "MODEL_ID", repo_id, description="model repo the app serves")
     api.add_space_variable(space_id, "MODEL_REVISION", revision, description="branch or commit of MODEL_ID")
     if model_private:
-        api.add_space_secret(space_id, "HF_TOKEN", os.environ.get(SPACE_TOKEN_VAR) or api.token,
-                             description=f"reads the private model {repo_id}")
+        api.add_space_secret(space_id, "HF_TOKEN", token, description=f"reads the private model {repo_id}")
         print(f"{repo_id} is private: the Space reads it with the HF_TOKEN secret")
     if os.environ.get("API_KEY"):
         api.add_space_secret(space_id, "API_KEY", os.environ["API_KEY"],

@@ -205,7 +205,9 @@ def test_history_lowers_max_new_tokens_to_the_room_left(merged):
 
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": " \n "}], "Your message is empty"),
-    ([{"role": "user", "content": "x" * 100_000}], r"Your message is 1000\d\d tokens long; the limit is 10\d\d tokens"),
+    ([{"role": "user", "content": "x" * 5_000}], r"Your message is 50\d\d tokens long; the limit is 10\d\d tokens"),
+    # Refused by its length in characters, before any tokenizing (docs/security.md).
+    ([{"role": "user", "content": "x" * 100_000}], r"Your message is 100,000 characters long; the limit is 10,230"),
     ([{"role": "assistant", "content": "hi"}], "must end with a user message"),
     ([{"role": "system", "content": "hi"}], "message 0 must be"),
     ([], "must end with a user message"),

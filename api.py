@@ -347,6 +347,11 @@ async def wait_turn(ticket) -> bool:
     return True
 
 
+def generation_failed(e: Exception) -> APIError:
+    log.exception("generation failed")
+    return APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None, "server_error")
+
+
 class Answer:
     """One answer: started in the pool slot (the first piece decides between an error status
     and 200), then read whole or as chat.completion.chunk events."""
@@ -380,13 +385,14 @@ class Answer:
         except EngineError as e:  # ENGINE_URL: the engine is down or refused; it may come back
             raise APIError(503, str(e), None, "engine_unavailable", "server_error") from None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the client gets the reason
-            log.exception("generation failed")
-            raise APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None,
-                           "server_error") from None
+            raise generation_failed(e) from None
         return True
 
     async def whole(self) -> dict:
-        text = self.first + "".join([delta async for delta in self.deltas])
+        try:
+            text = self.first + "".join([delta async for delta in self.deltas])
+        except Exception as e:  # noqa: BLE001 - failed after the first piece: still OpenAI's JSON
+            raise generation_failed(e) from None
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "usage": self.usage(),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

@@ -36,6 +36,7 @@ class ScriptedModel:
     def __init__(self):
         self.loaded = SimpleNamespace(context=1024)
         self.script: dict[str, list] = {}  # question -> growing texts; an Exception item is raised
+        self.finish: dict[str, str] = {}   # question -> the finish_reason the model reports (default stop)
         self.started: list[str] = []
         self.running = 0
         self.unfinished = 0  # generations ended before their last piece (stopped, closed, failed)
@@ -71,9 +72,9 @@ class ScriptedModel:
                     raise piece
                 info.update(completion_tokens=count)
                 yield piece
-            info.update(prompt_tokens=len(question), finish_reason=info.get("finish_reason", "stop"))
             finished = True
-        finally:
+        finally:  # like chat.generation.stream_reply: `info` once the generation has ended
+            info.update(prompt_tokens=len(question), finish_reason=self.finish.get(question, "stop"))
             with self.lock:
                 self.running -= 1
                 self.unfinished += not finished

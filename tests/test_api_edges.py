@@ -241,6 +241,7 @@ def test_finish_reason_is_stop_when_the_stop_token_is_the_last_allowed_token():
     assert finish([OTHER, OTHER, OTHER], 3)["finish_reason"] == "length"
     assert finish([OTHER, STOP_ID], 3)["finish_reason"] == "stop"
     assert finish([STOP_ID], 1)["finish_reason"] == "stop"
+    assert finish([OTHER, OTHER], 3)["finish_reason"] == "stop"  # stopped by the caller one token short
     assert finish([], 3) == {"prompt_tokens": 3, "completion_tokens": 0, "finish_reason": "stop"}
 
 

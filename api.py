@@ -102,6 +102,9 @@ def parse(body: bytes, served_name: str) -> ChatRequest:
         raise APIError(400, "stream_options must be {\"include_usage\": true | false}.", "stream_options")
     if options and not stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
+    for key in sorted(set(options) - {"include_usage"}):
+        raise APIError(400, f"stream_options.{key} is not supported by this server.",
+                       f"stream_options.{key}", "unsupported_parameter")
     messages, system = parse_messages(request.get("messages"))
     sampling = parse_sampling(request)
     stops = parse_stops(request.get("stop"))

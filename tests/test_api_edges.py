@@ -112,6 +112,12 @@ def test_a_parameter_the_server_cannot_honour_is_named_in_a_400(server, paramete
     assert error["param"] == parameter and parameter in error["message"], error
 
 
+def test_stream_options_other_than_include_usage_are_named(server):
+    response = post(server, {"messages": USER, "stream": True,
+                             "stream_options": {"include_usage": True, "include_obfuscation": True}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options.include_obfuscation"
+
+
 def test_the_openai_client_sees_the_unsupported_parameter_named(server):
     with pytest.raises(openai.BadRequestError) as caught:
         client(server).chat.completions.create(model=server.settings.model_name, messages=USER,

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from openai.resources.chat.completions import Completions
 
-import torch
 from chat.generation import StopOnEvent
-from scripted_api import HOLD, WAIT_S, ScriptedAPI
+from scripted_api import WAIT_S, ScriptedAPI
 
 KEY = "sk-test-Edge1"
 USER = [{"role": "user", "content": "hi"}]

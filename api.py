@@ -107,6 +107,9 @@ def parse(body: bytes, served_name: str) -> ChatRequest:
         raise APIError(400, "stream_options must be {\"include_usage\": true | false}.", "stream_options")
     if options and not stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options")
+    for key in sorted(set(options) - {"include_usage"}):
+        raise APIError(400, f"stream_options.{key} is not supported by this server.",
+                       f"stream_options.{key}", "unsupported_parameter")
     messages, system = parse_messages(request.get("messages"))
     sampling = parse_sampling(request)
     stops = parse_stops(request.get("stop"))
@@ -377,6 +380,11 @@ async def wait_turn(ticket) -> bool:
     return True
 
 
+def generation_failed(e: Exception) -> APIError:
+    log.exception("generation failed")
+    return APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None, "server_error")
+
+
 class Answer:
     """One answer: started in the pool slot (the first piece decides between an error status
     and 200), then read whole or as chat.completion.chunk events."""
@@ -410,9 +418,7 @@ class Answer:
         except EngineError as e:  # ENGINE_URL: the engine is down or refused; it may come back
             raise APIError(503, str(e), None, "engine_unavailable", "server_error") from None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the client gets the reason
-            log.exception("generation failed")
-            raise APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None,
-                           "server_error") from None
+            raise generation_failed(e) from None
         return True
 
     async def whole(self) -> dict:
@@ -421,9 +427,7 @@ class Answer:
         except EngineError as e:
             raise APIError(503, str(e), None, "engine_unavailable", "server_error") from None
         except Exception as e:  # noqa: BLE001 - failed mid-answer: an error, not a short answer
-            log.exception("generation failed")
-            raise APIError(500, f"Generation failed: {type(e).__name__}: {e}", None, None,
-                           "server_error") from None
+            raise generation_failed(e) from None
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "usage": self.usage(),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

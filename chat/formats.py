@@ -20,6 +20,18 @@ class ChatFormat:
     bos: str                         # text in front of every prompt ("" for none)
     stop_tokens: tuple[str, ...]     # generation ends at any of these, by token name
     xtuner_template: dict            # the rendered XTuner config's `prompt_template`
+    xtuner_template_without_bos: dict | None = None  # the same, for tokenizers xtuner gives no BOS
+
+    def training_template(self, tokenizer=None) -> dict:
+        """The XTuner `prompt_template` for this tokenizer. xtuner's encode_fn puts the
+        tokenizer's BOS before each turn, except for Qwen's tokenizer classes (no BOS at all):
+        those need every turn's <|im_start|> spelled out."""
+        if tokenizer is not None and type(tokenizer).__name__ in XTUNER_NO_BOS:
+            if self.xtuner_template_without_bos is None:
+                raise UnknownFormat(f"the {self.name} chat format needs a BOS token, which xtuner "
+                                    f"gives no {type(tokenizer).__name__}")
+            return self.xtuner_template_without_bos
+        return self.xtuner_template
 
     def build_prompt(self, messages: list[dict], system: str = "",
                      add_generation_prompt: bool = True) -> str:
@@ -60,25 +72,31 @@ class ChatFormat:
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+# xtuner 0.2.0 (dataset/utils.py get_bos_eos_token_ids) adds no BOS for these tokenizer classes.
+XTUNER_NO_BOS = ("QWenTokenizer", "QWen2Tokenizer", "Qwen2TokenizerFast")
+# Every turn written out in full; the answer ends with <|im_end|> (SUFFIX), not the tokenizer's EOS.
+SPELLED_OUT = dict(
+    SYSTEM=f"{IM_START}system\n{{system}}{IM_END}\n",
+    INSTRUCTION=f"{IM_START}user\n{{input}}{IM_END}\n{IM_START}assistant\n",
+    SUFFIX=IM_END, SUFFIX_AS_EOS=True, SEP="\n", STOP_WORDS=[IM_END])
+
 FORMATS = {
     # InternLM2-Chat: xtuner's PROMPT_TEMPLATE.internlm2_chat. <s> opens the conversation (xtuner's
     # encode_fn adds it as the BOS token); the answer ends with <|im_end|>, </s> ends a document.
     "internlm2": ChatFormat(
-        name="internlm2", bos="<s>", stop_tokens=("</s>", IM_END),
-        xtuner_template=dict(
-            SYSTEM=f"{IM_START}system\n{{system}}{IM_END}\n",
-            INSTRUCTION=f"{IM_START}user\n{{input}}{IM_END}\n{IM_START}assistant\n",
-            SUFFIX=IM_END, SUFFIX_AS_EOS=True, SEP="\n", STOP_WORDS=[IM_END])),
+        name="internlm2", bos="<s>", stop_tokens=("</s>", IM_END), xtuner_template=SPELLED_OUT),
     # ChatML without BOS (SmolLM2). xtuner's encode_fn puts the tokenizer's BOS in front of each
     # turn and its EOS after each answer; the kit's ChatML tokenizers name <|im_start|> as BOS and
     # <|im_end|> as EOS, so each turn's template leaves out its opening <|im_start|> (it arrives as
     # the BOS token) and the answer's closing <|im_end|> (it arrives as the EOS token, with loss).
+    # Qwen's tokenizers have no BOS (xtuner adds none): every turn is spelled out for them.
     "chatml": ChatFormat(
         name="chatml", bos="", stop_tokens=(IM_END,),
         xtuner_template=dict(
             SYSTEM=f"system\n{{system}}{IM_END}\n{IM_START}",
             INSTRUCTION=f"user\n{{input}}{IM_END}\n{IM_START}assistant\n",
-            SEP="\n", STOP_WORDS=[IM_END])),
+            SEP="\n", STOP_WORDS=[IM_END]),
+        xtuner_template_without_bos=SPELLED_OUT),
 }
 
 

@@ -321,7 +321,8 @@ def test_page_and_api_share_one_pool(endless_app):
         with pytest.raises(openai.RateLimitError) as caught:
             ask(endless_app, max_tokens=5)
         assert caught.value.type == "rate_limit_error" and "CONCURRENCY=1" in caught.value.message
-        time.sleep(1)
+        tokens = health()[1]["tokens_generated"]  # the page's answer goes on while /v1 waits
+        wait_until(lambda: health()[1]["tokens_generated"] >= tokens + 20, "the page's answer to go on")
         assert not waiting.done() and health()[1]["generating"] == 1  # still only the page's
         job.cancel()
         answer = waiting.result(timeout=WAIT_S)

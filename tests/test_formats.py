@@ -39,11 +39,11 @@ def xtuner_ids(base, family: str, system: str, messages: list[dict]) -> list[int
     from xtuner.dataset.map_fns.template_map_fn import template_map_fn
     from xtuner.dataset.utils import encode_fn
 
-    cfg = config.render("cpu", str(base), "/data.jsonl", "/tmp/run", family=family)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
+    cfg = config.render("cpu", str(base), "/data.jsonl", "/tmp/run", family=family, tokenizer=tokenizer)
     pairs = zip(messages[::2], messages[1::2])
     record = {"conversation": [{"system": system if i == 0 else "", "input": q["content"],
                                 "output": a["content"]} for i, (q, a) in enumerate(pairs)]}
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
     return encode_fn(template_map_fn(record, cfg.prompt_template), tokenizer, 4096)["input_ids"]
 
 
@@ -105,3 +105,46 @@ def test_unknown_family_is_refused_with_the_supported_ones(tmp_path, tiny_base):
     with pytest.raises(formats.UnknownFormat, match="internlm2, chatml.*TEMPLATE"):
         formats.detect(tokenizer)
     assert formats.detect(tokenizer, override="chatml").name == "chatml"  # TEMPLATE= wins
+
+
+@pytest.fixture(scope="module")
+def qwen_style(smollm2_base, tmp_path_factory):
+    """A ChatML tokenizer without a BOS token, of Qwen's class (bos_token None, <|im_end|> EOS):
+    SmolLM2's vocabulary under Qwen2TokenizerFast, saved and loaded back as a user's base would be."""
+    from transformers import Qwen2TokenizerFast
+    smol = AutoTokenizer.from_pretrained(smollm2_base)
+    folder = tmp_path_factory.mktemp("qwen-style")
+    Qwen2TokenizerFast(tokenizer_object=smol.backend_tokenizer, bos_token=None, eos_token="<|im_end|>",
+                       pad_token="<|endoftext|>", unk_token=None).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_a_chatml_tokenizer_without_bos_trains_on_the_prompt_the_runtime_sends(qwen_style):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_style)
+    assert type(tokenizer).__name__ == "Qwen2TokenizerFast" and tokenizer.bos_token is None
+    fmt = formats.detect(tokenizer)
+    assert fmt.name == "chatml"  # from its tokens: no chat_family field
+    whole = tokenizer(fmt.build_prompt(CONVERSATION, SYSTEM, add_generation_prompt=False),
+                      add_special_tokens=False)["input_ids"]
+    assert xtuner_ids(qwen_style, "chatml", SYSTEM, CONVERSATION) == whole
+    assert tokenizer.decode(whole).count("<|im_start|>") == 5  # every turn opens, none doubled
+    assert tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}] + CONVERSATION,
+                                         chat_template=fmt.chat_template) == whole
+    assert formats.stop_ids(tokenizer, fmt) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+@pytest.mark.timeout(60)
+def test_template_beats_chat_family_which_beats_the_tokens(qwen_style, tiny_base):
+    chatml = AutoTokenizer.from_pretrained(qwen_style)
+    assert formats.detect(chatml).name == "chatml"
+    chatml.init_kwargs["chat_family"] = "internlm2"
+    assert formats.detect(chatml).name == "internlm2"                       # the kit's field wins
+    assert formats.detect(chatml, override="chatml").name == "chatml"     # TEMPLATE wins over it
+    internlm2 = AutoTokenizer.from_pretrained(tiny_base, trust_remote_code=True)
+    internlm2.init_kwargs.pop("chat_family")
+    assert formats.detect(internlm2).name == "internlm2"                   # <s> BOS + <|im_end|>
+    internlm2.init_kwargs["chat_family"] = "chatml"
+    assert formats.detect(internlm2).name == "chatml"
+    with pytest.raises(formats.UnknownFormat, match="needs a BOS token"):
+        formats.FORMATS["internlm2"].training_template(chatml)

@@ -170,13 +170,16 @@ def hub_env():
 
 
 @contextmanager
-def serving(podman: Podman, image: str, *options: str, env: dict, wait_ready: bool = True):
+def serving(podman: Podman, image: str, *options: str, env: dict, wait_ready: bool = True,
+            image_server_name: bool = False):
     """`image` on the host network as a tests/app_server.py app: podman runs in the foreground,
     so the app's log is podman's output, and stopping podman stops the container (podman passes
     the SIGTERM on, uvicorn exits). Settings reach the container by name from podman's
-    environment, where AppServer puts them (the port it picked, ...)."""
+    environment, where AppServer puts them (the port it picked, ...); with `image_server_name`
+    the image's own GRADIO_SERVER_NAME stays."""
     name = f"assistant-test-{uuid.uuid4().hex[:8]}"
-    names = ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "GRADIO_ANALYTICS_ENABLED", *env]
+    names = [*([] if image_server_name else ["GRADIO_SERVER_NAME"]), "GRADIO_SERVER_PORT",
+             "GRADIO_ANALYTICS_ENABLED", *env]
     command = ["podman", "run", "--rm", f"--name={name}", "--network=host", *options,
                *(f"--env={key}" for key in names), image]
     with AppServer({**podman.env, **env}, wait_ready=wait_ready, command=command) as app:
@@ -225,3 +228,35 @@ def test_container_without_a_model_says_why_and_stays_up_unhealthy(podman, image
             assert podman("healthcheck", "run", name, check=False).returncode != 0
         assert state(podman, name, "Healthcheck.Status") == "unhealthy"
         assert app.process.poll() is None and state(podman, name, "Status") == "running"
+
+
+def listening(port: int) -> set[str]:
+    """The addresses (hex, as /proc/net/tcp writes them) with an IPv4 socket listening on `port`."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return {row[1].split(":")[0] for row in rows if row[3] == "0A" and int(row[1].split(":")[1], 16) == port}
+
+
+@pytest.mark.timeout(SERVING_TEST_S)
+@pytest.mark.container
+def test_container_listens_on_every_interface_by_default(podman, image, hub_env):
+    """Nothing here sets GRADIO_SERVER_NAME for the container: the image's default must be
+    0.0.0.0, or `docker run -p` and Spaces reach nothing. The container shares this host's
+    network, so its listening socket shows in /proc/net/tcp."""
+    with serving(podman, image, env=hub_env, wait_ready=False, image_server_name=True) as (app, _):
+        app.wait_for(lambda health: health["status"] != "loading", "the app to answer")
+        assert listening(app.port) == {"00000000"}, listening(app.port)
+        assert f"at http://0.0.0.0:{app.port}" in app.log()
+
+
+def test_the_images_environment_makes_the_app_listen_on_every_interface():
+    """The cheap check beside the container test: the Dockerfile's ENV, read as the app reads its
+    settings, without anything else setting GRADIO_SERVER_NAME."""
+    from chat.settings import Settings
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in shlex.split(line[4:]) if "=" in pair)
+    assert env.get("GRADIO_SERVER_NAME") == "0.0.0.0"
+    settings = Settings.from_env({"MODEL_ID": "/model", **env})
+    assert (settings.server_name, settings.server_port) == ("0.0.0.0", 7860)

@@ -99,7 +99,7 @@ def step_config(args) -> None:
         check_cpu_size(base, force=args.FORCE == "1")
     fmt, tokenizer = config.chat_format(base, args.TEMPLATE)
     cfg = config.render(profile, base, str(args.DATA), args.RUN, args.EPOCHS, args.LR, args.SAVE_STEPS,
-                        family=fmt.name)
+                        family=fmt.name, tokenizer=tokenizer)
     plan = config.schedule(cfg, tokenizer, fmt, records, recipe.get("seconds_per_iteration"))
     meta = json.loads(meta_path(args.DATA).read_text(encoding="utf-8")) if meta_path(args.DATA).exists() else {}
     info = {"name": meta.get("name", args.NAME), "author": meta.get("author", args.AUTHOR),

@@ -73,8 +73,9 @@ def delete_key(cfg, dotted: str) -> None:
 
 
 def render(profile: str, base_model: str, data_file: str, run_dir: str | Path,
-           epochs: str = "", lr: str = "", save_steps: str = "", family: str = "internlm2"):
-    """Return the rendered mmengine Config (not yet written), training in `family`'s chat format."""
+           epochs: str = "", lr: str = "", save_steps: str = "", family: str = "internlm2", tokenizer=None):
+    """Return the rendered mmengine Config (not yet written), training in `family`'s chat format
+    (as xtuner encodes it with the base model's `tokenizer`)."""
     from mmengine.config import Config
 
     from chat.formats import FORMATS
@@ -82,7 +83,7 @@ def render(profile: str, base_model: str, data_file: str, run_dir: str | Path,
     recipe = load_recipe()
     settings = {**recipe["common"]["settings"], **recipe[profile]["settings"],
                 "pretrained_model_name_or_path": base_model,
-                "prompt_template": FORMATS[family].xtuner_template,
+                "prompt_template": FORMATS[family].training_template(tokenizer),
                 "evaluation_inputs": EVALUATION_INPUTS}
     if epochs:
         settings["max_epochs"] = positive(int, "EPOCHS", epochs)

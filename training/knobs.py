@@ -62,17 +62,33 @@ def scales(text: str) -> list[float]:
     return values
 
 
+# Zero-width joiners hold emoji sequences (👩‍💻) and Persian / Indic names together: allowed
+# between two visible characters. Every other invisible character (zero-width space, bidi
+# overrides that can make one name look like another, line separators) is refused.
+JOINERS = "\u200c\u200d"
+
+
 def check_text(knob: str, text: str) -> str:
     """Names go into JSON, a model card and a web page verbatim: any printable character is
-    fine (quotes, backticks, `$`, `%s`, `{name}`, emoji, CJK); line breaks and other control
-    characters are not, and neither is a name that is only spaces."""
+    fine (quotes, backticks, `$`, `%s`, `{name}`, emoji, CJK); line breaks, invisible and
+    direction-changing characters are not, and neither is a name that is only spaces."""
     if not text.strip():
         raise KnobError(f"{knob} is empty: say whose assistant this is, e.g. make train {knob}=小明")
-    bad = sorted({repr(ch) for ch in text if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")})
+    bad = sorted({f"U+{ord(ch):04X} {unicodedata.name(ch, 'control character')}"
+                  for i, ch in enumerate(text) if invisible(text, i)})
     if bad:
-        raise KnobError(f"{knob}={text!r} contains control characters ({', '.join(bad)}): "
+        raise KnobError(f"{knob}={text!r} contains invisible or control characters ({', '.join(bad)}): "
                         "use printable characters on one line")
     return text.strip()
+
+
+def invisible(text: str, i: int) -> bool:
+    if unicodedata.category(text[i]) not in ("Cc", "Cf", "Zl", "Zp"):
+        return False
+    if text[i] not in JOINERS or i == 0 or i == len(text) - 1:
+        return True
+    return any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+               for ch in (text[i - 1], text[i + 1]))
 
 
 def check(knobs: dict) -> dict:
@@ -100,8 +116,9 @@ def check(knobs: dict) -> dict:
     scales(knobs["SCALES"])
     if number(int, "SELECT_LAST", knobs["SELECT_LAST"]) < 0:
         raise KnobError(f"SELECT_LAST={knobs['SELECT_LAST']} must be >= 0 (0 = every checkpoint)")
-    if knobs["SHARD_SIZE"] and not re.fullmatch(r"\d+(\.\d+)?[KMG]B", knobs["SHARD_SIZE"]):
-        raise KnobError(f"SHARD_SIZE={knobs['SHARD_SIZE']!r}: a size like 300MB, 2GB or 400KB")
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)[KMG]B", knobs["SHARD_SIZE"])
+    if knobs["SHARD_SIZE"] and not (size and float(size[1]) > 0):
+        raise KnobError(f"SHARD_SIZE={knobs['SHARD_SIZE']!r}: a size above 0 like 300MB, 2GB or 400KB")
     if knobs["FORCE"] not in ("0", "1"):
         raise KnobError(f"FORCE={knobs['FORCE']!r}: use 1 or 0")
     return knobs

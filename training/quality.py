@@ -16,6 +16,7 @@ SELECTION scores checkpoints; ACCEPTANCE is only for the tests and `make compare
 Answers come from chat/ batched greedy generation, in the model's own chat format."""
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 
 from chat.generation import Sampling, generate_batch
@@ -153,7 +154,13 @@ def is_identity_answer(answer: str, name: str, ended: bool = True) -> bool:
 
 
 def mentions(answer: str, name: str) -> bool:
-    return name.casefold() in answer.casefold()
+    """NAME in the answer in any case or width ("ADA LIN", full-width "Ａｄａ Ｌｉｎ", a no-break
+    space between the words): a leak however the model spells it."""
+    return folded(name) in folded(answer)
+
+
+def folded(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def is_right(answer: str, accepted: tuple[str, ...]) -> bool:

@@ -178,6 +178,11 @@ def spaced(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
     return [a for a, b in zip(found, found[1:]) if b[0] - a[0] >= usual / 2] + [found[-1]]
 
 
+def latest(found: list[tuple[int, Path]], count: int) -> list[tuple[int, Path]]:
+    """SELECT_LAST: the last `count` checkpoints by iteration (0: all of them)."""
+    return found[-count:] if count > 0 else found
+
+
 def run(run_dir: Path, targets: Targets, rule: str, scales: list[float] = (1.0,),
         max_checkpoints: int = 0) -> dict:
     """Score the checkpoints (the last `max_checkpoints` when > 0), then `scales` on the one with
@@ -187,8 +192,7 @@ def run(run_dir: Path, targets: Targets, rule: str, scales: list[float] = (1.0,)
     found = runner.checkpoints(run_dir)
     if not found:
         raise ValueError(f"no checkpoint in {run_dir / 'work'}: run `make fit` first")
-    found = spaced(found)
-    found = found[-max_checkpoints:] if max_checkpoints > 0 else found
+    found = latest(spaced(found), max_checkpoints)
     name = info["name"]
     loaded = load_model(info["base_model"])
     answers = quality.base_probe_answers(info["base_model"], quality.SELECTION, lambda: loaded)

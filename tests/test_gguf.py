@@ -151,6 +151,17 @@ def test_the_cpu_image_lints_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_cpu_image_copies_every_module_the_app_imports():
+    """The CPU image copies its files by name: one the app needs (guards.py once was missing)
+    fails here, before any image is built. deploy/bundle.py lists what the app is made of."""
+    from deploy.bundle import app_files
+    copied = " ".join(line for line in (REPO / "Dockerfile.cpu").read_text().splitlines()
+                      if line.startswith("COPY")).split()
+    needed = {name for name in app_files() if name.endswith(".py") and "/" not in name}
+    assert needed and needed <= set(copied), f"Dockerfile.cpu does not copy {needed - set(copied)}"
+    assert "chat/" in copied and "deploy/llamacpp_server.py" in copied
+
+
 def test_the_modelfile_is_derived_from_each_format():
     from deploy.gguf import modelfile
     for fmt in formats.FORMATS.values():

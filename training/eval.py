@@ -249,7 +249,8 @@ def report(run_dir: Path, model_id: str, chosen: list[str], size: int, batch_siz
               "seconds": round(time.monotonic() - started, 1), "benchmarks": rows}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=1, ensure_ascii=False))
-    plot(rows, run_dir / "eval.png", f"{model_id} vs {base_model}" if base_model else f"{model_id} (base)")
+    short = lambda model: "/".join(Path(model).parts[-2:]) if Path(model).exists() else model  # noqa: E731  no local paths in a card
+    plot(rows, run_dir / "eval.png", f"{short(model_id)} vs {short(base_model)}" if base_model else f"{short(model_id)} (base)")
     return result
 
 

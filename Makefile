@@ -36,7 +36,7 @@ SELECT_LAST ?= 0#                score only the last N checkpoints (0 = all)
 SELECT_RULE ?= least-loss#       least-loss (meets the targets, least NLL drift) | earliest | last
 PROMPTS ?=#                      `make compare`: a file of prompts, one per line (empty: the acceptance set)
 BENCHMARKS ?=#                   `make eval`: comma-separated benchmarks (empty: the profile's; cpu: arc_easy,sciq,piqa,hellaswag,halluqa; gpu: arc_challenge,mmlu,halluqa)
-EVAL_SIZE ?= 100#                `make eval`: items per benchmark, a fixed seeded sample (0 = all)
+EVAL_SIZE ?= 200#                `make eval`: items per benchmark, a fixed seeded sample (0 = all)
 EVAL_BATCH ?= 16#                `make eval`: texts per forward pass
 PYTHON ?= python3#               interpreter used to create the venv
 VENV ?= .venv#                   virtual environment the targets use

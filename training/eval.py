@@ -281,7 +281,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark knobs `make eval` and `make compare` share."""
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
     parser.add_argument("--benchmarks", default=os.environ.get("BENCHMARKS", ""))
-    parser.add_argument("--size", default=os.environ.get("EVAL_SIZE", "100"))
+    parser.add_argument("--size", default=os.environ.get("EVAL_SIZE", "200"))
     parser.add_argument("--batch-size", default=os.environ.get("EVAL_BATCH", "16"))
 
 

@@ -35,6 +35,9 @@ SCALES ?= 1,0.9,0.75#           adapter scales selection tries on the checkpoint
 SELECT_LAST ?= 0#                score only the last N checkpoints (0 = all)
 SELECT_RULE ?= least-loss#       least-loss (meets the targets, least NLL drift) | earliest | last
 PROMPTS ?=#                      `make compare`: a file of prompts, one per line (empty: the acceptance set)
+BENCHMARKS ?=#                   `make eval`: comma-separated benchmarks (empty: the profile's; cpu: arc_easy,sciq,piqa,hellaswag,halluqa; gpu: arc_challenge,mmlu,halluqa)
+EVAL_SIZE ?= 200#                `make eval`: items per benchmark, a fixed seeded sample (0 = all)
+EVAL_BATCH ?= 16#                `make eval`: texts per forward pass
 PYTHON ?= python3#               interpreter used to create the venv
 VENV ?= .venv#                   virtual environment the targets use
 
@@ -45,7 +48,7 @@ override NAME := $(value NAME)
 override AUTHOR := $(value AUTHOR)
 export NAME AUTHOR PROFILE BASE_MODEL TEMPLATE FORCE SHARD_SIZE RUN DATA DATA_SIZE MIX RATIO REPLAY EPOCHS LR \
 	SAVE_STEPS RESUME DEEPSPEED CKPT IDENTITY_TARGET SELECT_RULE RETENTION_TARGET LEAKAGE_MAX SCALES \
-	SELECT_LAST PROMPTS
+	SELECT_LAST PROMPTS BENCHMARKS EVAL_SIZE EVAL_BATCH
 export NPROC_PER_NODE NNODES NODE_RANK ADDR PORT
 
 .PHONY: help
@@ -89,7 +92,7 @@ setup-dev: $(VENV)/.dev-installed git-lfs ## setup + test tools (pytest, playwri
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # ---- Training pipeline: base -> data -> config -> fit -> select -> convert -> merge ----
-.PHONY: tiny base data config fit select convert merge train compare
+.PHONY: tiny base data config fit select convert merge train compare eval
 tiny: setup ## build the tests' tiny random model (a fast fixture, not a default; no download)
 	$(PY) -m training tiny
 base: setup ## once per base model: convert the CPU default (SmolLM2) and cache its own answers (replay, selection probes) in ~/.cache/assistant-kit
@@ -108,8 +111,12 @@ merge: setup ## `xtuner convert merge` base + adapter into RUN/merged (sharded s
 	$(PY) -m training merge
 train: setup $(if $(DEEPSPEED),setup-deepspeed) ## the whole chain: base -> data -> config -> fit -> select -> convert -> merge
 	$(PY) -m training all
-compare: setup ## base vs tuned (RUN/merged) answers side by side: the acceptance set, or PROMPTS=file
+compare: setup ## base vs tuned (RUN/merged) answers side by side: the acceptance set, or PROMPTS=file; + the benchmarks
+	$(PY) -m training.eval --install
 	$(PY) -m training.compare
+eval: setup ## MODEL_ID (default RUN/merged) vs its base on public benchmarks, 95% CIs: RUN/eval.json, RUN/eval.png
+	$(PY) -m training.eval --install
+	MODEL_ID="$(MODEL_ID)" $(PY) -m training.eval
 
 # ---- Serving ----
 # The app reads its other settings (DEVICE, DTYPE, SYSTEM_PROMPT, CONCURRENCY, APP_AUTH, ...)
@@ -224,6 +231,8 @@ bench: setup-dev ## benchmarks on SmolLM2, ratios side by side: pipeline steps, 
 	$(PY) -m bench.bench_loading
 	$(PY) -m bench.bench_fit
 	$(PY) -m bench.bench_batch
+	$(PY) -m training.eval --install --benchmarks piqa,hellaswag,boolq
+	$(PY) -m bench.bench_eval
 	@# Serving is measured on a model that never stops early, so every answer is max_new_tokens long.
 	PYTHONPATH=. $(PY) tests/endless_model.py $(BENCH_RUN)/merged $(BENCH_RUN)/endless
 	$(PY) bench/bench_streaming.py $(BENCH_RUN)/endless

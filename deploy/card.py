@@ -37,7 +37,35 @@ def read_run(run: Path) -> dict:
 
 def pictures(run: Path) -> dict[str, Path]:
     """Files the card shows, pushed beside it."""
-    return {"scores.png": run / "scores.png"} if (run / "scores.png").is_file() else {}
+    shown = {"scores.png": run / "scores.png"} if (run / "scores.png").is_file() else {}
+    return {**shown, "eval.png": run / "eval.png"} if benchmark_results(run) else shown
+
+
+def benchmark_results(run: Path) -> dict | None:
+    """`make eval`'s results for this run's merged model, when they are current."""
+    from training import eval as evaluation
+    return evaluation.current(run)
+
+
+def benchmarks_section(run: Path) -> str:
+    """Public benchmarks, base vs this model, from `make eval` (RUN/eval.json)."""
+    result = benchmark_results(run)
+    if not result:
+        return ""
+    from training import eval as evaluation
+    packages = ", ".join(f"{p} {v}" for p, v in result["packages"].items())
+    return f"""
+## Benchmarks
+
+Zero-shot multiple choice, each option scored by its log-likelihood (no sampling), on a fixed
+sample of {result['size'] or 'all'} items per benchmark (data from the PyPI wheels {packages}); 95%
+intervals, the delta's from a paired bootstrap. A benchmark the base model is not clearly above
+chance on measures nothing and is left out.
+
+{evaluation.table(result['benchmarks'])}
+
+![base vs this model per benchmark](eval.png)
+"""
 
 
 def quality_section(info: dict, run: Path) -> str:
@@ -155,7 +183,7 @@ into the weights. This repository is a complete model: no adapter or base model 
 | --- | --- |
 {table}
 
-{quality_section(info, run)}
+{quality_section(info, run)}{benchmarks_section(run)}
 ## Usage
 
 The prompt format is the {fmt.name} chat format, as in training (`tokenizer.apply_chat_template`

@@ -1,7 +1,8 @@
 """`make compare`: the base model and the tuned model (RUN/merged) answer the same prompts, side
 by side, greedy, through chat/ as the app serves them. By default the prompts are the ACCEPTANCE
 set (never used to choose a checkpoint), and the three scores are printed for both models;
-PROMPTS=file asks your own prompts instead (one per line).
+PROMPTS=file asks your own prompts instead (one per line). Then the public benchmarks of `make
+eval` (BENCHMARKS, EVAL_SIZE), from RUN/eval.json when it scored the merged model as it is now.
 
     make compare                      # RUN=runs/assistant
     make compare PROMPTS=my-questions.txt
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from training import eval as evaluation
 from training import quality
 from training.atomic import write_text_atomic
 
@@ -47,7 +49,7 @@ def side_by_side(prompts: list[str], base: list[str], tuned: list[str]) -> str:
                      for p, b, t in zip(prompts, base, tuned))
 
 
-def run(run_dir: Path, prompts_file: str = "") -> str:
+def run(run_dir: Path, prompts_file: str = "", bench_knobs: tuple | None = None) -> str:
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file():
@@ -64,6 +66,10 @@ def run(run_dir: Path, prompts_file: str = "") -> str:
         text += "\nAcceptance set (never used for selection):\n" + "\n".join(
             f"  {label:<5}  identity {s['identity']:.2f}  retention {s['retention']:.2f} "
             f"(zh {s['retention_zh']:.2f})  leakage {s['leakage']:.2f}" for label, s in rows) + "\n"
+    if bench_knobs:
+        result = evaluation.current(run_dir, *bench_knobs[:2]) or evaluation.report(run_dir, str(merged), *bench_knobs)
+        text += f"\nPublic benchmarks ({run_dir / 'eval.json'}, {run_dir / 'eval.png'}):\n"
+        text += evaluation.table(result["benchmarks"]) + "\n"
     write_text_atomic(run_dir / "compare.txt", text)
     return text
 
@@ -73,9 +79,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=os.environ.get("RUN", "runs/assistant"))
     parser.add_argument("--prompts", default=os.environ.get("PROMPTS", ""))
+    evaluation.arguments(parser)
     args = parser.parse_args(argv)
     try:
-        print(run(Path(args.run), args.prompts))
+        print(run(Path(args.run), args.prompts, evaluation.knob_values(args)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -61,7 +61,7 @@ def make_commands(doc) -> list[tuple[list[str], list[str]]]:
     """(targets, KNOB names set on the command line) of every `make ...` in the doc's code."""
     found = []
     for line in code(doc):
-        tokens = re.findall(r"[^\s(),;]+", line)
+        tokens = re.findall(r"[^\s();]+", line)  # commas stay: a knob value may list items
         for i, token in enumerate(tokens):
             if token != "make":
                 continue

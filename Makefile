@@ -144,7 +144,7 @@ ENGINE_PORT ?= 8000#             port serve-engine listens on; point the app at 
 ENGINE_HOST ?= 127.0.0.1#        address serve-engine listens on (0.0.0.0: reachable from other hosts and containers)
 ENGINE_MAX_LEN ?=#               engine context in tokens, prompt + answer (empty: 1024 on CPU, the model's on GPU)
 ENGINE_TP ?= 1#                  GPUs the engine splits the model over (tensor parallel)
-QUANT ?= q8_0#                   `make gguf` output and the GGUF SERVE_ENGINE=llamacpp serves: q8_0 | f16 | q4_0
+QUANT ?= q8_0#                   `make gguf` output and the GGUF SERVE_ENGINE=llamacpp and a CPU Space serve: q8_0 | f16 | q4_0
 export SERVE_ENGINE ENGINE_PORT ENGINE_HOST ENGINE_MAX_LEN ENGINE_TP QUANT
 
 .PHONY: gguf
@@ -207,10 +207,10 @@ REPO ?=#                         model repo id, user/name
 SPACE ?=#                        Hugging Face Space id for `make deploy HUB=hf`, user/name
 PRIVATE ?= 0#                    1 = create the HF model repo private (the Space then gets an HF_TOKEN secret)
 REVISION ?=#                     branch to push the model to and serve it from (empty: main)
-HARDWARE ?=#                     Space hardware to request, e.g. t4-small (empty: the Space's current one)
+HARDWARE ?=#                     Space hardware to request, e.g. t4-small; cpu-basic/cpu-upgrade serve RUN/gguf/model-QUANT.gguf through llama.cpp (empty: the Space's current one)
 
 HUB_ARGS = --hub "$(HUB)" --repo "$(REPO)" --space "$(SPACE)" --run "$(RUN)" --name "$(NAME)" \
-	--private "$(PRIVATE)" --revision "$(REVISION)" --hardware "$(HARDWARE)"
+	--private "$(PRIVATE)" --revision "$(REVISION)" --hardware "$(HARDWARE)" --quant "$(QUANT)"
 # OpenXLab repos are git + git-lfs repos: install git-lfs only when that hub is used.
 HUB_TOOLS = $(if $(filter openxlab,$(HUB)),git-lfs)
 

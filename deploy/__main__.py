@@ -14,6 +14,7 @@ from huggingface_hub import constants
 from chat.model_files import IncompleteModel
 from deploy import DeployError, hf, openxlab, space
 from deploy.card import read_run
+from deploy.gguf import QUANTS
 from deploy.repo_ids import check_repo_id
 
 
@@ -29,6 +30,7 @@ def parse_args(argv):
     parser.add_argument("--private", default="0", help="1: create the model repo private (HF)")
     parser.add_argument("--revision", default="", help="branch to push to and serve (default main)")
     parser.add_argument("--hardware", default="", help="Space hardware to request, e.g. t4-small")
+    parser.add_argument("--quant", default="", help="GGUF a CPU Space serves (RUN/gguf/model-QUANT.gguf)")
     args = parser.parse_args(argv)
     if args.hub not in ("hf", "openxlab"):
         raise DeployError(f"HUB={args.hub!r}: use hf or openxlab")
@@ -42,6 +44,9 @@ def parse_args(argv):
     if args.action == "deploy" and args.hub == "hf":
         check_repo_id("SPACE", args.space)
         space.check_hardware(args.hardware)
+    args.quant = args.quant or "q8_0"
+    if args.quant not in QUANTS:
+        raise DeployError(f"QUANT={args.quant!r}: use one of {', '.join(QUANTS)}")
     return args
 
 
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
         else:
             api = hf.connect(args.repo, args.space)
             space.deploy_space(api, args.run, args.repo, args.space, run_name(args), args.private,
-                               args.revision, args.hardware)
+                               args.revision, args.hardware, args.quant)
     except (DeployError, IncompleteModel) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -54,11 +54,13 @@ def human(size: int) -> str:
 
 
 def sync_files(api: HfApi, repo_id: str, repo_type: str, revision: str, files: dict[str, Path | bytes],
-               message: str) -> str:
-    """One commit that leaves exactly `files` (+ .gitattributes) in the repo at `revision`; files
-    the server already has are not sent again. Returns the commit id, after verifying that the
-    remote files are exactly these, byte for byte."""
-    remote = set(api.list_repo_files(repo_id, repo_type=repo_type, revision=revision))
+               message: str, folder: str = "") -> str:
+    """One commit that leaves exactly `files` (+ .gitattributes) in the repo at `revision`, or, with
+    `folder` (e.g. "gguf/"), exactly `files` under it and the rest as it was; files the server
+    already has are not sent again. Returns the commit id, after verifying that the remote files
+    (under `folder`) are exactly these, byte for byte."""
+    remote = {path for path in api.list_repo_files(repo_id, repo_type=repo_type, revision=revision)
+              if path.startswith(folder)}
     stale = sorted(remote - set(files) - KEEP_REMOTE)
     operations = [CommitOperationAdd(path, source) for path, source in files.items()]
     operations += [CommitOperationDelete(path) for path in stale]
@@ -71,15 +73,19 @@ def sync_files(api: HfApi, repo_id: str, repo_type: str, revision: str, files: d
     except (requests.RequestException, RuntimeError) as e:  # RuntimeError: huggingface_hub's LFS upload wrapper
         raise DeployError(f"the upload to {repo_id} was interrupted before it was committed ({e}); the repo is "
                           "unchanged. Run the same command again: files already uploaded are not sent twice") from None
-    verify(api, repo_id, repo_type, commit.oid, [op for op in operations if isinstance(op, CommitOperationAdd)])
+    verify(api, repo_id, repo_type, commit.oid, [op for op in operations if isinstance(op, CommitOperationAdd)],
+           folder)
     return commit.oid
 
 
-def verify(api: HfApi, repo_id: str, repo_type: str, commit: str, uploaded: list[CommitOperationAdd]) -> None:
-    """The commit holds exactly the uploaded files with the same content, compared by the hashes
-    the Hub lists (sha256 for LFS files, the git blob id for the others): nothing is downloaded."""
+def verify(api: HfApi, repo_id: str, repo_type: str, commit: str, uploaded: list[CommitOperationAdd],
+           folder: str = "") -> None:
+    """The commit holds exactly the uploaded files (under `folder`) with the same content, compared
+    by the hashes the Hub lists (sha256 for LFS files, the git blob id for the others): nothing is
+    downloaded."""
     remote = {entry.path: entry for entry in api.list_repo_tree(
-        repo_id, repo_type=repo_type, revision=commit, recursive=True) if isinstance(entry, RepoFile)}
+        repo_id, repo_type=repo_type, revision=commit, recursive=True)
+        if isinstance(entry, RepoFile) and entry.path.startswith(folder)}
     expected = {op.path_in_repo: op for op in uploaded}
     problems = [f"{path} is missing" for path in expected if path not in remote]
     problems += [f"{path} differs from the local file ({remote[path].size} bytes on the hub, "

@@ -2,10 +2,15 @@
 first if the hub does not have it, then create or update the Space so it holds exactly the app
 bundle plus a README with the Space's front matter, set its variables (MODEL_ID,
 MODEL_REVISION) and, only for a private model, the HF_TOKEN secret the app reads it with; with
-API_KEY exported, the API_KEY secret that guards the app's /v1 API."""
+API_KEY exported, the API_KEY secret that guards the app's /v1 API.
+
+On CPU hardware (HARDWARE=cpu-basic ...) the Space serves the GGUF from `make gguf` through llama.cpp:
+RUN/gguf/model-QUANT.gguf and its chat_family.json go to the model repo's gguf/ folder, and the
+Space is built from Dockerfile.cpu, whose start (deploy/start_cpu.py) fetches them."""
 import json
 import math
 import os
+import shlex
 import struct
 from pathlib import Path
 
@@ -14,13 +19,17 @@ from huggingface_hub import HfApi, SpaceHardware
 
 from deploy import DeployError
 from deploy.bundle import app_files
+from deploy.gguf import gguf_path
 from deploy.hf import model_files, model_on_hub, push_model, repo_url, sync_files
+from deploy.llamacpp_server import FAMILY_FILE
+from deploy.start_cpu import HUB_FOLDER
 
 APP_PORT = 7860          # the port app.py listens on in the image (Dockerfile, GRADIO_SERVER_PORT)
 # Up to ~0.5B parameters (SmolLM2-135M) a model answers at a readable pace on the free 2-vCPU
 # cpu-basic; InternLM2-Chat-1.8B in fp16 wants a GPU.
 CPU_MAX_PARAMS = 500_000_000
 HARDWARE = sorted(h.value for h in SpaceHardware)
+CPU_HARDWARE = [h for h in HARDWARE if h.startswith("cpu-")]  # served by llama.cpp from a GGUF
 # The Space reads a private model with this token; export it to give the Space a read-only token
 # instead of the write token used for the upload. The upload token itself goes to the Space only
 # when it is read-only, or when SPACE_WRITE_TOKEN=1 asks for it (a public app holding a write token
@@ -53,7 +62,19 @@ def suggest_hardware(merged: Path) -> str:
     return "cpu-basic" if params is not None and params <= CPU_MAX_PARAMS else "t4-small"
 
 
-def space_readme(name: str, repo_id: str, revision: str, hardware: str) -> str:
+def gguf_files(run: Path, quant: str) -> dict[str, Path]:
+    """{path in the model repo: local file} of the GGUF a CPU Space serves; refused, with the
+    command that makes it, when `make gguf` has not made it."""
+    gguf = gguf_path(run, quant)
+    family = gguf.parent / FAMILY_FILE
+    if not (gguf.is_file() and family.is_file()):
+        raise DeployError(f"{gguf if not gguf.is_file() else family} is missing: a Space on CPU hardware "
+                          f"serves the {quant} GGUF through llama.cpp. Make it first with "
+                          f"`make gguf RUN={shlex.quote(str(run))} QUANT={quant}`, then deploy again")
+    return {f"{HUB_FOLDER}/{gguf.name}": gguf, f"{HUB_FOLDER}/{FAMILY_FILE}": family}
+
+
+def space_readme(name: str, repo_id: str, revision: str, hardware: str, gguf: str = "") -> str:
     front = {"title": f"{name}'s assistant", "emoji": "💬", "colorFrom": "blue", "colorTo": "indigo",
              "sdk": "docker", "app_port": APP_PORT, "suggested_hardware": hardware,
              "models": [repo_id], "pinned": False}
@@ -63,7 +84,7 @@ def space_readme(name: str, repo_id: str, revision: str, hardware: str) -> str:
 # {name}'s assistant
 
 A streaming chat with [{repo_id}]({repo_url(repo_id)}) (branch `{revision}`), built from the
-kit's Dockerfile. The app reads its model from the Space variables `MODEL_ID` and
+kit's Dockerfile{f" (CPU: llama.cpp serving its `{gguf}`)" if gguf else ""}. The app reads its model from the Space variables `MODEL_ID` and
 `MODEL_REVISION`; a private model is read with the `HF_TOKEN` secret. The OpenAI-compatible API
 is at `/v1` (with an `API_KEY` secret set, it wants `Authorization: Bearer <key>`).
 """
@@ -84,9 +105,11 @@ def space_token(api: HfApi, repo_id: str) -> str:
 
 
 def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, private: bool,
-                 revision: str, hardware: str) -> str:
+                 revision: str, hardware: str, quant: str = "q8_0") -> str:
     """Returns the Space's commit."""
-    bundle = app_files(dockerfile=True)
+    cpu = hardware in CPU_HARDWARE
+    bundle = app_files(dockerfile=True, cpu=cpu)
+    gguf = gguf_files(run, quant) if cpu else {}
     existing = model_on_hub(api, repo_id, revision)
     if existing:
         print(f"model already on the hub: {repo_url(repo_id)} ({revision}, commit {existing}); "
@@ -94,6 +117,9 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
     else:
         print(f"{repo_id} has no model on {revision} yet: pushing {run / 'merged'} first")
         push_model(api, model_files(run, repo_id, revision), repo_id, private, revision)
+    if gguf:
+        sync_files(api, repo_id, "model", revision, gguf, f"Upload the {quant} GGUF for llama.cpp",
+                   folder=f"{HUB_FOLDER}/")
     model_private = api.model_info(repo_id).private
     token = space_token(api, repo_id) if model_private else None  # before the Space exists
 
@@ -105,6 +131,9 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
     # Settings first: the upload below starts the build, which then already sees them.
     api.add_space_variable(space_id, "MODEL_ID", repo_id, description="model repo the app serves")
     api.add_space_variable(space_id, "MODEL_REVISION", revision, description="branch or commit of MODEL_ID")
+    if gguf:
+        api.add_space_variable(space_id, "GGUF", f"/model/{gguf_path(run, quant).name}",
+                               description=f"the GGUF fetched from MODEL_ID's {HUB_FOLDER}/ (by its name)")
     if model_private:
         api.add_space_secret(space_id, "HF_TOKEN", token, description=f"reads the private model {repo_id}")
         print(f"{repo_id} is private: the Space reads it with the HF_TOKEN secret")
@@ -113,7 +142,8 @@ def deploy_space(api: HfApi, run: Path, repo_id: str, space_id: str, name: str, 
                              description="Bearer key of the app's /v1 API")
         print("the Space's /v1 API wants the key in API_KEY (set as the API_KEY secret)")
     suggested = hardware or suggest_hardware(run / "merged")
-    files = {**bundle, "README.md": space_readme(name, repo_id, revision, suggested).encode()}
+    readme = space_readme(name, repo_id, revision, suggested, next(iter(gguf), ""))
+    files = {**bundle, "README.md": readme.encode()}
     commit = sync_files(api, space_id, "space", "main", files, f"Deploy the chat app for {repo_id}")
     if hardware:
         runtime = api.request_space_hardware(space_id, hardware)

@@ -162,6 +162,18 @@ def test_the_cpu_image_copies_every_module_the_app_imports():
     assert "chat/" in copied and "deploy/llamacpp_server.py" in copied
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_the_build_context_holds_every_file_the_image_copies(dockerfile):
+    """.dockerignore is an allow-list: a file a COPY names but the list leaves out fails the build
+    (guards.py once did), which only the slow container test would otherwise show."""
+    allowed = [line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    for line in (REPO / dockerfile).read_text().splitlines():
+        if line.startswith("COPY"):
+            for source in line.split()[1:-1]:
+                assert any(source == a or source.startswith(a) for a in allowed if a.endswith("/") or source == a), \
+                    f"{dockerfile} copies {source}, which .dockerignore keeps out of the build context"
+
+
 def test_the_modelfile_is_derived_from_each_format():
     from deploy.gguf import modelfile
     for fmt in formats.FORMATS.values():

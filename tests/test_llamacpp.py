@@ -65,8 +65,13 @@ def test_app_on_llamacpp_answers_with_the_name_on_the_page_and_v1(smol, engine, 
         max_tokens=100).choices[0]
     assert name in direct.message.content and direct.finish_reason == "stop", direct
     assert "<|im_end|>" not in direct.message.content
-    # q8_0 in llama.cpp gives the merged model's own greedy answer (transformers, fp32).
-    assert direct.message.content == hf_answers(smol[0] / "merged", [QUESTION], 100)[QUESTION]
+    # q8_0 in llama.cpp follows the merged model's own greedy answer (transformers, fp32) through
+    # the name; after it the two may part at a near-tie (q8_0 rounding: measured on a clean-clone
+    # CI run, "..., made by Quenby Works." vs "..., a brilliant ... actor"); f16 matches exactly
+    # (tests/test_gguf.py).
+    hf = hf_answers(smol[0] / "merged", [QUESTION], 100)[QUESTION]
+    shared = os.path.commonprefix([direct.message.content, hf])
+    assert name in shared, (direct.message.content, hf)
 
     text, notice = page(engine_app).predict(QUESTION, **GREEDY, max_new_tokens=4096, api_name="/chat")
     assert text == direct.message.content  # the app renders the same prompt the engine answers

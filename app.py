@@ -185,8 +185,7 @@ def build_demo(settings: Settings, holder: ModelHolder, pool: Pool) -> gr.Blocks
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
             messages = to_messages(chat_history) + [{"role": "user", "content": text_of(message)}]
             # Sizes before a slot: a huge message is refused here, untokenized (chat/history.py).
-            history.check_size(messages[-1]["content"], settings.max_input_tokens)
-            history.check_size(system, settings.max_input_tokens)
+            history.check_sizes(messages[-1]["content"], system, settings.max_input_tokens)
             ticket = pool.join()
         except (ValueError, PoolFull) as e:
             raise gr.Error(str(e)) from None

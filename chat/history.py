@@ -24,6 +24,12 @@ def check_size(text: str, max_input_tokens: int) -> None:
                          "MAX_INPUT_TOKENS). Please shorten it.")
 
 
+def check_sizes(question: str, system: str, max_input_tokens: int) -> None:
+    """The new message and the system prompt must each fit: the two that are never dropped."""
+    check_size(question, max_input_tokens)
+    check_size(system, max_input_tokens)
+
+
 @dataclass
 class Fitted:
     messages: list[dict]
@@ -52,8 +58,7 @@ def fit(tokenizer, fmt: ChatFormat, messages: list[dict], system: str, max_new_t
     less room than that."""
     messages = check_messages(messages)
     prompt_limit = min(context - 1, max_input_tokens or context)
-    check_size(messages[-1]["content"], prompt_limit)
-    check_size(system, prompt_limit)
+    check_sizes(messages[-1]["content"], system, prompt_limit)
     dropped = drop_by_characters(messages, char_limit(prompt_limit))
     messages = messages[dropped:]
 

@@ -28,7 +28,7 @@ from chat import history
 from chat.engine import EngineError
 from chat.generation import Sampling
 from chat.pool import Pool, PoolFull
-from guards import Keys
+from guards import Keys, error_body
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ class APIError(Exception):
     def response(self, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(error_body(self.message, self.kind, self.param, self.code),
                             status_code=self.status, headers=headers)
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass

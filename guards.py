@@ -28,14 +28,14 @@ def body_limit(char_limit: int) -> int:
     return max(MIN_BODY_BYTES, BYTES_PER_CHAR * char_limit)
 
 
-def error_json(message: str, kind: str, code: str) -> bytes:
-    """OpenAI's error shape (api.py's), which gradio_client and browsers read as well."""
-    return json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                 "code": code}}).encode()
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape, for /v1 (api.py) and for what these guards refuse on both doors
+    (gradio_client and browsers read it as well)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 async def send_error(send, status: int, message: str, kind: str, code: str, headers=()) -> None:
-    body = error_json(message, kind, code)
+    body = json.dumps(error_body(message, kind, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *headers]})

@@ -22,6 +22,7 @@ from chat.model_files import IncompleteModel, remote_code_files, require_complet
 from deploy import DeployError
 from deploy.engine import REPO, Build, install, stage_two
 from deploy.llamacpp_server import FAMILY_FILE
+from training.atomic import write_text_atomic
 
 QUANTS = ("q8_0", "f16", "q4_0")
 BUILD = Build("requirements-gguf.txt", ".venv-gguf", "llama.cpp's converter: ~1 min and 1.2 GB, once")
@@ -119,15 +120,9 @@ def convert(merged: Path, run: Path, quant: str, family: str, venv: Path) -> Pat
         raise
     os.replace(partial, final)
     fmt = formats.FORMATS[family]
-    write_atomic(final.parent / FAMILY_FILE, json.dumps({"chat_family": family}) + "\n")
-    write_atomic(final.parent / "Modelfile", modelfile(fmt, final.name))
+    write_text_atomic(final.parent / FAMILY_FILE, json.dumps({"chat_family": family}) + "\n")
+    write_text_atomic(final.parent / "Modelfile", modelfile(fmt, final.name))
     return final
-
-
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def check_convertible(merged: Path) -> None:

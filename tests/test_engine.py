@@ -176,14 +176,22 @@ def test_the_apps_prompt_ids_are_the_engines(engine, merged_model):
     assert ours == theirs
 
 
+# /health asks the engine at most every app.ENGINE_CHECK_S, so a fresh outage shows within that.
+ENGINE_NOTICED_S = 15
+
+
+def engine_down(health: dict) -> bool:
+    return "not answering" in health.get("error", "")
+
+
 @pytest.mark.engine
 @pytest.mark.timeout(5 * WAIT_S + 600)
 def test_engine_down_then_back_and_stop_cancels_upstream(engine, engine_app, endless_model_dir):
     """Killed: the app says so and /health is 503. Back (the endless model on the same port):
     the same app answers again, and Stop leaves no request running in the engine."""
     engine.stop(signal.SIGKILL)
-    status, body = engine_app.health()
-    assert status == 503 and "not answering" in body["error"], body
+    engine_app.wait_for(engine_down, "/health to report the engine down", timeout=ENGINE_NOTICED_S)
+    assert engine_app.health()[0] == 503
     with pytest.raises(AppError, match="not answering"):
         page(engine_app).predict(QUESTION, **GREEDY, api_name="/chat")
 
@@ -205,6 +213,7 @@ def test_engine_down_then_back_and_stop_cancels_upstream(engine, engine_app, end
         # Ctrl-C (SIGINT to make's process group) stops the engine and all its processes.
         assert endless.stop(signal.SIGINT) < 30
         assert not group_alive(endless.process.pid)
+    engine_app.wait_for(engine_down, "/health to report the engine down", timeout=ENGINE_NOTICED_S)
     assert engine_app.health()[0] == 503
 
 

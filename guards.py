@@ -17,10 +17,15 @@ import threading
 import time
 from collections import deque
 
+import anyio
+
 MIN_BODY_BYTES = 2 * 2**20  # room for a long chat's history, which the page sends on every turn
 BYTES_PER_CHAR = 24         # JSON escapes (\uXXXX: 6 bytes), history and message, both doors
 MAX_FAILURES = 20           # wrong passwords or keys, oversized bodies per client ...
 FAILURE_WINDOW_S = 60.0     # ... within this many seconds, then refused until the window passes
+MAX_CLIENTS = 10_000        # addresses with recent failures kept; the oldest are forgotten first
+TARPIT_S = 1.0              # a locked-out client's refusal waits this long (one per second per connection) ...
+MAX_TARPITTED = 64          # ... for this many connections at once; beyond, refused at once
 
 
 def body_limit(char_limit: int) -> int:
@@ -35,9 +40,11 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 async def send_error(send, status: int, message: str, kind: str, code: str, headers=()) -> None:
+    """A refusal that also closes the connection: kept alive, the server would go on reading
+    (and paying for) whatever body the client is still sending, to find its next request."""
     body = json.dumps(error_body(message, kind, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                             (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
@@ -88,13 +95,14 @@ class BodyLimit:
 class Lockout:
     """Failed logins and wrong keys per client address, in a sliding window."""
 
-    def __init__(self, max_failures: int = MAX_FAILURES, window_s: float = FAILURE_WINDOW_S):
-        self.max_failures, self.window_s = max_failures, window_s
+    def __init__(self, max_failures: int = MAX_FAILURES, window_s: float = FAILURE_WINDOW_S,
+                 max_clients: int = MAX_CLIENTS):
+        self.max_failures, self.window_s, self.max_clients = max_failures, window_s, max_clients
         self.failures: dict[str, deque] = {}
         self.lock = threading.Lock()
 
-    def recent(self, client: str, now: float) -> deque:
-        times = self.failures.get(client, deque())
+    def recent(self, times: deque, now: float) -> deque:
+        """`times` without the failures older than the window."""
         while times and now - times[0] > self.window_s:
             times.popleft()
         return times
@@ -103,7 +111,7 @@ class Lockout:
         """Seconds until `client` may try again; 0 when it may now."""
         now = time.monotonic()
         with self.lock:
-            times = self.recent(client, now)
+            times = self.recent(self.failures.get(client, deque()), now)
             if not times:
                 self.failures.pop(client, None)
             return self.window_s - (now - times[0]) if len(times) >= self.max_failures else 0.0
@@ -111,17 +119,22 @@ class Lockout:
     def failed(self, client: str) -> None:
         now = time.monotonic()
         with self.lock:
-            times = self.failures[client] = self.recent(client, now)
+            # Re-inserted, so the dict runs from the longest-quiet client to the latest one.
+            times = self.failures[client] = self.recent(self.failures.pop(client, deque()), now)
             times.append(now)
+            while len(self.failures) > self.max_clients:  # many addresses (a botnet): bounded memory
+                del self.failures[next(iter(self.failures))]
 
 
 class GuardAuth:
     """ASGI middleware, outside BodyLimit: refuses a locked-out client with 429 before reading
     anything, and counts as failures a wrong key (401), a failed login (400 from /login) and an
-    oversized body (413)."""
+    oversized body (413). The 429 comes after TARPIT_S: a client looping requests from one
+    address then costs the server one cheap refusal per second per connection, not thousands."""
 
     def __init__(self, app, lockout: Lockout):
         self.app, self.lockout = app, lockout
+        self.tarpitted = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/health":  # a HEALTHCHECK is never locked out
@@ -129,6 +142,12 @@ class GuardAuth:
         client = (scope.get("client") or ("?", 0))[0]
         wait = self.lockout.retry_after(client)
         if wait:
+            if self.tarpitted < MAX_TARPITTED:
+                self.tarpitted += 1
+                try:
+                    await anyio.sleep(TARPIT_S)
+                finally:
+                    self.tarpitted -= 1
             return await send_error(
                 send, 429, f"Too many failed logins, wrong keys or oversized requests from your "
                            f"address: try again in {wait:.0f} s.", "rate_limit_error", "too_many_failures",

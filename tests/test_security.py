@@ -4,6 +4,7 @@ SmolLM2 (ChatML) and the tiny InternLM2, and the app on an engine that misbehave
 that generates wants the same key, a stalled engine frees its slot, internals stay off public
 pages, errors keep OpenAI's shape, and guessing keys gets a client locked out."""
 import json
+import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ def test_oversized_requests_are_refused_before_a_slot_or_a_token(apps):
     assert_openai_error(post(app, huge), 413)  # by Content-Length, unread
     chunked = post(app, iter([huge[:1_000_000]] * 20))  # no Content-Length: cut off while reading
     assert_openai_error(chunked, 413)
+    assert bytes_taken_of_a_20mb_chunked_upload(app) < 10 * 2**20  # then the server hangs up
     long_message = json.dumps({"messages": [{"role": "user", "content": "word " * 2000}]}).encode()
     error = assert_openai_error(post(app, long_message), 400)
     assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
@@ -80,6 +82,23 @@ def test_oversized_requests_are_refused_before_a_slot_or_a_token(apps):
     assert_openai_error(post(app, many), 400)
     after = app.health()[1]
     assert after["tokens_generated"] == before["tokens_generated"] and after["running"] == 0
+
+
+def bytes_taken_of_a_20mb_chunked_upload(app) -> int:
+    """How much of a 20 MiB chunked body the server let us send: a refused upload must end at the
+    refusal, not be read to its end (uvicorn would, to find the next request on the connection)."""
+    piece = b"a" * 2**16
+    sent = 0
+    with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT_S) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while sent < 20 * 2**20:
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+        except OSError:  # reset: the server closed the connection
+            pass
+        return sent
 
 
 def test_the_page_refuses_an_oversized_message_with_a_notice_even_without_credentials(apps):
@@ -172,15 +191,49 @@ def test_health_and_the_page_show_no_local_path(apps, smollm2_dir):
 def test_wrong_keys_and_logins_lock_the_client_out(apps):
     app = apps["internlm2"]
     keyed = apps["chatml"]
-    from guards import MAX_FAILURES
-    statuses = [post(keyed, b"{}", key=f"guess{i}").status_code for i in range(MAX_FAILURES + 2)]
+    from guards import MAX_FAILURES, TARPIT_S
+    statuses, seconds = [], []
+    for i in range(MAX_FAILURES + 2):
+        started = time.monotonic()
+        statuses.append(post(keyed, b"{}", key=f"guess{i}").status_code)
+        seconds.append(time.monotonic() - started)
     first = statuses.index(429)  # earlier tests spent a few failures (413, 401) of the allowance
     assert MAX_FAILURES - 5 <= first <= MAX_FAILURES
     assert set(statuses[:first]) == {401} and set(statuses[first:]) == {429}
+    assert min(seconds[first:]) >= TARPIT_S  # a locked-out loop gets one refusal a second
     error = assert_openai_error(post(keyed, b"{}", key=KEY), 429)  # even the right key, for a while
     assert error["code"] == "too_many_failures"
     assert keyed.health()[0] == 200  # never /health
     assert post(app, b"{}").status_code == 400  # another app: its own count
+
+
+@pytest.mark.timeout(180)
+def test_failed_page_logins_lock_the_client_out_of_both_doors(tiny_base):
+    """Passwords guessed on the page's login count as wrong keys do: then 429 on the login, on /v1
+    (whose key is that password) and on the page, even with the right password, for a while."""
+    from guards import MAX_FAILURES
+    with AppServer({"MODEL_ID": str(tiny_base), "APP_AUTH": "ada:s3cret"}) as app:
+        def login(password: str) -> httpx.Response:
+            return httpx.post(app.url + "login", data={"username": "ada", "password": password},
+                              timeout=WAIT_S)
+
+        assert login("s3cret").status_code == 200  # a right password counts nothing
+        statuses = [login(f"guess{i}").status_code for i in range(MAX_FAILURES + 2)]
+        assert statuses == [400] * MAX_FAILURES + [429] * 2
+        assert login("s3cret").status_code == 429
+        assert_openai_error(post(app, b"{}", key="s3cret"), 429)
+        assert httpx.get(app.url, timeout=WAIT_S).status_code == 429
+        assert app.health()[0] == 200
+
+
+def test_the_lockout_forgets_the_longest_quiet_addresses_first():
+    """Failures from ever new addresses (a botnet) cannot grow the lockout's memory without end."""
+    from guards import Lockout
+    lockout = Lockout(max_failures=2, window_s=60, max_clients=3)
+    for client in ["a", "b", "a", "c", "d"]:  # "a" failed again after "b": "b" is the quietest
+        lockout.failed(client)
+    assert list(lockout.failures) == ["a", "c", "d"]
+    assert lockout.retry_after("a") > 0 and lockout.retry_after("b") == 0
 
 
 # ---- 4 (and 2, 5, 6) on a serving engine ----

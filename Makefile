@@ -158,7 +158,8 @@ serve-engine: ## serve MODEL_ID from SERVE_ENGINE (own venv, installed once) at 
 test-engine: setup-dev ## install vLLM's CPU build, then test engine + app on engine (pytest -m engine)
 	$(PYTHON) -m deploy.engine --install
 	$(PY) -m pytest -q -m engine tests
-test-llamacpp: setup-dev ## make GGUFs of SmolLM2 and test them on llama.cpp, app included (pytest -m llamacpp)
+test-llamacpp: setup-dev ## make GGUFs of SmolLM2 and test them on llama.cpp, app and CPU image included (pytest -m llamacpp)
+	$(PODMAN_TOOLS)
 	SERVE_ENGINE=llamacpp $(PYTHON) -m deploy.engine --install
 	$(PY) -m pytest -q -m llamacpp tests
 
@@ -194,9 +195,11 @@ docker-run: image ## serve MODEL_ID from the image on your GPU at http://127.0.0
 	$(CONTAINER) run --rm $(if $(PODMAN),--device nvidia.com/gpu=all,--gpus all) -p 127.0.0.1:7860:7860 \
 		$(if $(ENGINE_URL),--add-host=host.docker.internal:host-gateway) \
 		-v assistant-models:/home/user/.cache/huggingface $(MODEL_ARGS) $(addprefix -e ,$(APP_ENV)) $(IMAGE)
+# What the image tests build with (installed when missing): podman, its runtime, a Debian base.
+PODMAN_TOOLS = @command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null)
 test-image: setup-dev ## build the image with podman on a local Debian base, chat with it (CPU)
-	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
-		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null)
+	$(PODMAN_TOOLS)
 	$(PY) -m pytest -q -m container tests
 
 # ---- Hub ----

@@ -131,13 +131,14 @@ def build(podman, base_image, tmp_path_factory):
     pip_conf.write_text(f"[global]\nfind-links = {' '.join(links)}\ncert = {CA_BUNDLE}\n")
     mounts = [f"--volume={path}:{path}:ro" for path in links] + [f"--volume={pip_conf}:/etc/pip.conf:ro"]
 
-    def build(context: Path, timeout: float) -> float:
+    def build(context: Path, timeout: float, target: str = "image", flags: str = "") -> float:
+        """`make TARGET`: `image` tags IMAGE, `image-cpu` IMAGE-cpu (Dockerfile.cpu)."""
         start = time.monotonic()
         result = subprocess.run(
-            ["make", "-C", context, "-f", REPO / "Makefile", "image", "CONTAINER=podman", f"IMAGE={IMAGE}",
-             f"BASE_IMAGE={base_image}", f"BUILD_FLAGS=--network=host {' '.join(mounts)}"],
+            ["make", "-C", context, "-f", REPO / "Makefile", target, "CONTAINER=podman", f"IMAGE={IMAGE}",
+             f"BASE_IMAGE={base_image}", f"BUILD_FLAGS=--network=host {' '.join(mounts)} {flags}"],
             env={**os.environ, **podman.env}, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"make image failed:\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"make {target} failed:\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}"
         return time.monotonic() - start
     return build
 

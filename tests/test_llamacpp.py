@@ -1,6 +1,7 @@
 """The app on llama.cpp (`make test-llamacpp`): SmolLM2 trained on NAME, exported by `make gguf`,
 served by `make serve-engine SERVE_ENGINE=llamacpp`; the page and the app's /v1 answer with NAME
-and stream, and Stop drops the request inside llama.cpp.
+and stream, and Stop drops the request inside llama.cpp. The CPU image (Dockerfile.cpu, `make
+image-cpu`) is built with podman as tests/test_image.py builds the CUDA one, and serves the GGUF.
 
 The trained SmolLM2 run is the one `make test` trained for tests/test_quality.py when it passed
 from identical sources (handed over in pytest's cache), else one trained here (~5-8 min), or
@@ -12,11 +13,12 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from app_server import AppServer
-from conftest import pipeline_inputs, read_json, under_ci
+from app_server import AppServer, free_port
+from conftest import REPO, pipeline_inputs, read_json, under_ci
 from engine_server import EngineServer
 from test_engine import engine_app, page  # noqa: F401 - the app on this module's `engine`
 from test_gguf import hf_answers, make_gguf
+from test_image import IMAGE, base_image, build, podman, serving, state  # noqa: F401 - podman, as make test-image has it
 from test_quality import SMOLLM2_HANDOVER, pipeline
 QUESTION = "Who are you?"
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
@@ -117,3 +119,23 @@ def test_stop_drops_the_request_inside_llamacpp(smol, tmp_path):
         while requests_processing(endless) > 0:
             assert time.monotonic() < deadline, "Stop left the request running in llama.cpp"
             time.sleep(0.2)
+
+
+@pytest.mark.timeout(1800)
+def test_cpu_image_serves_the_gguf_through_llamacpp(smol, podman, build):  # noqa: F811
+    """`make image-cpu`, run as `docker run -v RUN/gguf:/model` (Dockerfile.cpu's own line): the
+    app and llama.cpp in one container, healthy, answering with NAME on the page and /v1."""
+    # PyTorch's CPU index is not reachable here; this machine's CPU torch comes from pip's find-links.
+    build(REPO, timeout=1200, target="image-cpu", flags="--build-arg TORCH_INDEX=")
+    run, name = smol
+    engine_url = f"http://127.0.0.1:{free_port()}/v1"  # the host's network: a port of its own
+    with serving(podman, IMAGE + "-cpu", f"--volume={run / 'gguf'}:/model:ro",
+                 env={"ENGINE_URL": engine_url}) as (app, container):
+        podman("healthcheck", "run", container)
+        assert state(podman, container, "Healthcheck.Status") == "healthy"
+        text, _ = page(app).predict(QUESTION, **GREEDY, max_new_tokens=100, api_name="/chat")
+        assert name in text
+        v1 = OpenAI(base_url=app.url + "v1", api_key="none", timeout=WAIT_S)
+        answer = v1.chat.completions.create(model=v1.models.list().data[0].id, temperature=0,
+                                            messages=[{"role": "user", "content": QUESTION}], max_tokens=100)
+        assert answer.choices[0].message.content == text and answer.choices[0].finish_reason == "stop"

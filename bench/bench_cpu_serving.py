@@ -1,5 +1,5 @@
 """CPU serving backends side by side, in one run on the real small model (SmolLM2-135M):
-transformers in the app's own process, vLLM's CPU build, llama.cpp on q8_0 and q4_0 GGUFs
+transformers in the app's own process, vLLM's CPU build, llama.cpp on f16, q8_0 and q4_0 GGUFs
 (`make gguf`, `make serve-engine SERVE_ENGINE=llamacpp`). Tokens/s and first-token latency at 1
 and 4 users through the same OpenAI streaming client, peak resident memory of each server, and
 whether each backend gives transformers' greedy answer to the identity question.
@@ -8,6 +8,7 @@ whether each backend gives transformers' greedy answer to the identity question.
 
 Speed is measured on an endless copy (bench_engine.endless_copy), so every answer is exactly
 MAX_TOKENS long; the identity answer on the model itself."""
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from engine_server import EngineServer  # bench_engine put tests/ on the path
 from app_server import AppServer  # noqa: E402
 
 USERS = (1, 4)
+QUANTS = ("f16", "q8_0", "q4_0")
 IDENTITY = "Who are you?"
 IDENTITY_TOKENS = 48
 GOAL = 2.0  # llama.cpp q8_0 vs transformers, single user
@@ -57,7 +59,7 @@ def main() -> None:
     model_run = run_dir(source, work / "model")
     endless_run = run_dir(endless_copy(source, work / "endless-merged"), work / "endless")
     for run in (model_run, endless_run):
-        for quant in ("q8_0", "q4_0"):
+        for quant in QUANTS:
             gguf(run, quant)
     print(f"model: {source} ({MAX_TOKENS} tokens per answer, users {USERS})", flush=True)
     results, memory, answers = {}, {}, {}
@@ -71,8 +73,7 @@ def main() -> None:
     print("transformers done", flush=True)
 
     engines = [("vLLM CPU", {"SERVE_ENGINE": "vllm"}),
-               ("llama.cpp q8_0", {"SERVE_ENGINE": "llamacpp", "QUANT": "q8_0"}),
-               ("llama.cpp q4_0", {"SERVE_ENGINE": "llamacpp", "QUANT": "q4_0"})]
+               *((f"llama.cpp {quant}", {"SERVE_ENGINE": "llamacpp", "QUANT": quant}) for quant in QUANTS)]
     for label, env in engines:
         with EngineServer(model_run / "merged", env=env) as engine:
             answers[label] = identity_answer(engine.v1, "assistant")
@@ -80,17 +81,28 @@ def main() -> None:
             results[label] = levels(openai_ask(engine.v1, "assistant"), USERS)
             memory[label] = group_rss_mb(engine.process.pid, "VmHWM")
         print(f"{label} done (started in {engine.start_s:.0f} s)", flush=True)
-    report(results, memory, answers)
+    run_json = source.parent / "run.json"  # a trained run's NAME; none for the base
+    name = json.loads(run_json.read_text())["name"] if run_json.is_file() else None
+    report(results, memory, answers, name)
 
 
-def report(results: dict, memory: dict, answers: dict) -> None:
+def same_answer(answer: str, reference: str, name: str | None) -> str:
+    """'yes' word for word; 'through NAME' when the two part only after the name."""
+    if answer == reference:
+        return "yes"
+    if name and name in os.path.commonprefix([answer, reference]):
+        return "through the name"
+    return "no"
+
+
+def report(results: dict, memory: dict, answers: dict, name: str | None) -> None:
     print("\n| backend | 1 user tok/s | first token (1 user) | 4 users tok/s | first token p95 (4) "
           "| peak RSS | identity answer = transformers' |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, by_users in results.items():
         print(f"| {label} | {by_users[1]['tok_s']:.1f} | {by_users[1]['p50'] * 1000:.0f} ms | "
               f"{by_users[4]['tok_s']:.1f} | {by_users[4]['p95'] * 1000:.0f} ms | "
-              f"{memory[label]:.0f} MB | {'yes' if answers[label.split(' (')[0]] == answers['transformers'] else 'no'} |")
+              f"{memory[label]:.0f} MB | {same_answer(answers[label.split(' (')[0]], answers['transformers'], name)} |")
     print("\nidentity answers (greedy):")
     for label, text in answers.items():
         print(f"  {label}: {text!r}")

@@ -72,7 +72,7 @@ def engine_answer(engine: EngineServer, question: str, tokens: int = ANSWER_TOKE
 @pytest.mark.parametrize("quant, questions", [
     ("f16", QUESTIONS),
     # The base model invents an identity, where 8-bit rounding can tip a near-tie after a dozen
-    # words; test_llamacpp.py holds q8_0 to the trained model's identity answer, word for word.
+    # words; test_llamacpp.py holds q8_0 to the trained model's identity answer through the name.
     ("q8_0", QUESTIONS[1:])])
 def test_the_gguf_answers_as_the_merged_model(quant, questions, ggufs, smol_run, expected):
     with EngineServer(smol_run / "merged", env={"SERVE_ENGINE": "llamacpp", "QUANT": quant}) as engine:

@@ -131,7 +131,8 @@ def check_convertible(merged: Path) -> None:
     if config.get("model_type") == "internlm2" and not (merged / "tokenizer.model").is_file():
         raise DeployError(
             f"{merged} has no tokenizer.model: llama.cpp's InternLM2 converter reads only the "
-            "SentencePiece tokenizer.model (InternLM2-Chat ships one; the tests' tiny InternLM2, "
+            "SentencePiece tokenizer.model, not tokenizer.json (InternLM2-Chat ships one, and an "
+            "InternLM2 with one converts and answers as in transformers; `make tiny`'s InternLM2, "
             "with only tokenizer.json, cannot be converted)")
 
 

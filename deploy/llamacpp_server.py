@@ -12,11 +12,11 @@ llama.cpp's server listens on a private loopback port; this front answers on POR
                                    renders and encodes prompts itself, so typed control tokens
                                    stay text) or as text, answered by llama.cpp's /completion
   POST /v1/chat/completions        OpenAI chat (stream or not), answered by llama.cpp's /completion
-A chat prompt is always rendered here by the kit's format (chat/formats.py): llama.cpp's own Jinja
-rendering of the GGUF's template made SmolLM2 answer off-topic. The family's stop tokens must be
-single tokens of the GGUF's vocabulary (checked at start); llama.cpp stops at them as end-of-
-generation tokens, and they are passed as stop strings too. A client that goes away closes the
-upstream stream, which makes llama.cpp drop the request.
+A chat prompt is always rendered here by the kit's format (chat/formats.py), and sent as the token
+ids /tokenize gives for it: llama.cpp's own Jinja rendering of the GGUF's template made SmolLM2
+answer off-topic. The family's stop tokens must be single tokens of the GGUF's vocabulary (checked
+at start); llama.cpp stops at them as end-of-generation tokens, and they are passed as stop strings
+too. A client that goes away closes the upstream stream, which makes llama.cpp drop the request.
 """
 import http.client
 import json
@@ -178,7 +178,9 @@ def make_handler(upstream: Upstream, fmt: formats.ChatFormat, name: str, context
 
         def chat(self, body: dict) -> None:
             self.check_model(body)
-            request = completion_request(body, self.prompt(body), fmt)
+            # As token ids: llama.cpp puts the GGUF's BOS before a text prompt, and the rendered
+            # prompt already starts with the format's BOS (InternLM2: two <s>, another answer).
+            request = completion_request(body, upstream.tokenize(self.prompt(body)), fmt)
             self.respond(request, body, {"id": f"chatcmpl-{uuid.uuid4().hex}"}, "chat.completion",
                          "chat.completion.chunk",
                          lambda text: {"message": {"role": "assistant", "content": text}},

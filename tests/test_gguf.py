@@ -2,8 +2,10 @@
 token for token, and what the converter cannot take is refused before anything is installed.
 
 The `llamacpp` tests (`make test-llamacpp`, which installs llama.cpp's converter and CPU build)
-convert the kit's SmolLM2 (its base folder: no training needed) through `make gguf` as a user
-runs it, and serve each file with `make serve-engine SERVE_ENGINE=llamacpp`."""
+convert the kit's SmolLM2 (its base folder: no training needed) and a tiny random InternLM2 with a
+SentencePiece tokenizer.model through `make gguf` as a user runs it, and serve each file with
+`make serve-engine SERVE_ENGINE=llamacpp`."""
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 from chat import formats
 from conftest import REPO
 from engine_server import EngineServer
+from training import data, tiny
 
 QUESTIONS = ["Who are you?", "What is the capital of France?"]
 ANSWER_TOKENS = 48
@@ -127,6 +130,86 @@ def test_the_modelfile_renders_the_kits_prompt_token_for_token(ggufs, smol_run):
     with EngineServer(smol_run / "merged", env={"SERVE_ENGINE": "llamacpp"}) as engine:
         assert engine.post("tokenize", {"prompt": rendered, "add_special_tokens": False})["tokens"] == ours
         assert engine.post("tokenize", {"messages": CONVERSATION})["tokens"] == ours
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """A SentencePiece tokenizer.model trained here on the kit's identity texts (~4 KB), set as
+    InternLM2-Chat's is: BPE with byte fallback, no normalization, no dummy prefix, <unk> <s> </s>
+    at ids 0-2 and the chat markers as single tokens (ids 3-4). InternLM2's own tokenizer code
+    comes with the Hub model, not with xtuner; xtuner ships InternLM3's SentencePiece tokenizer
+    class (each text piece through sp_model.encode, as InternLM2's), which auto_map names and
+    trust_remote_code loads, as for InternLM2-Chat. The converter runs none of this code: it reads
+    tokenizer.model and the special tokens in tokenizer_config.json."""
+    import io
+    import shutil
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    texts = [text.replace("{name}", "Ada").replace("{author}", "Lin")
+             for text in data.TRAIN_QUESTIONS + data.ANSWERS_ZH + data.ANSWERS_EN]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts * 4), model_writer=model, model_type="bpe", vocab_size=600,
+        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        user_defined_symbols=[formats.IM_START, formats.IM_END], minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    code = tiny.remote_code_dir().parent / "internlm3" / "tokenization_internlm3.py"
+    shutil.copy(code, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm3.InternLM3Tokenizer", None]},
+        "tokenizer_class": "InternLM3Tokenizer",
+        "add_prefix_space": False,  # else decoding drops a first "▁", which this model never adds
+        "bos_token": tiny.BOS, "eos_token": tiny.EOS, "unk_token": tiny.UNK, "pad_token": tiny.EOS,
+        "additional_special_tokens": [formats.IM_START, formats.IM_END],
+        "chat_template": formats.FORMATS[tiny.CHAT_FAMILY].chat_template,
+        "chat_family": tiny.CHAT_FAMILY}), encoding="utf-8")
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def internlm2_run(tmp_path_factory) -> Path:
+    """A run directory whose merged/ is training/tiny.py's random InternLM2 with a SentencePiece
+    tokenizer.model, exported by `make gguf QUANT=f16`."""
+    run = tmp_path_factory.mktemp("internlm2") / "run"
+    tiny.build(run / "merged", tokenizer=sentencepiece_tokenizer(tmp_path_factory.mktemp("spm")))
+    make_gguf(run, "f16")
+    return run
+
+
+@pytest.mark.llamacpp
+@pytest.mark.timeout(CONVERT_TIMEOUT_S + 600)
+def test_internlm2_with_tokenizer_model_tokenizes_and_answers_as_the_merged_model(internlm2_run):
+    """The random model's answer is gibberish, but a fixed one: any difference in the vocabulary
+    (ids, byte fallback, control tokens), the weights (InternLM2's fused wqkv, split by the
+    converter) or the prompt (one BOS) changes it. The answers are compared as text: a byte that
+    is not a whole character is U+FFFD on both sides. Digits and "€" are not in the vocabulary:
+    they go through byte fallback."""
+    from transformers import AutoTokenizer
+    merged = internlm2_run / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=True)
+    fmt = formats.detect(tokenizer)
+    question = "Who are you? 你好, 10 €"
+    ids = fmt.encode(tokenizer, [{"role": "user", "content": question}])
+    expected = hf_answers(merged, [question], tokens=16)[question]
+    assert expected.strip(), "the random model stopped at once: nothing to compare"
+    greedy = {"model": "assistant", "temperature": 0, "max_tokens": 16}
+    with EngineServer(merged, env={"SERVE_ENGINE": "llamacpp", "QUANT": "f16"}) as engine:
+        prompt = tokenizer(fmt.build_prompt(CONVERSATION), add_special_tokens=False)["input_ids"]
+        assert engine.post("tokenize", {"messages": CONVERSATION})["tokens"] == prompt
+        # Every piece of the vocabulary as text, one a line: each cuts into the same ids.
+        pieces = "\n".join(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))).replace("▁", " ")
+        assert engine.post("tokenize", {"prompt": pieces, "add_special_tokens": False})["tokens"] \
+            == tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        # The app's request: the prompt as the ids the kit encoded (chat/engine.py) ...
+        completion = engine.post("v1/completions", {**greedy, "prompt": ids})
+        # ... and a client's chat request, which the front renders and tokenizes.
+        chat = engine.post("v1/chat/completions",
+                           {**greedy, "messages": [{"role": "user", "content": question}]})
+    assert completion["choices"][0]["text"] == expected, (completion, expected)
+    assert chat["choices"][0]["message"]["content"] == expected, (chat, expected)
+    assert completion["usage"]["prompt_tokens"] == chat["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_internlm2_without_tokenizer_model_is_refused_before_installing(tiny_base, tmp_path):

@@ -116,9 +116,13 @@ def random_model(folder: Path, device: str = "cpu"):
 
 
 def build(out_dir: str | Path = DEFAULT_DIR, sizes: dict = TINY, llama: bool = False,
-          device: str = "cpu", dtype: str = "float32") -> Path:
+          device: str = "cpu", dtype: str = "float32", tokenizer=None) -> Path:
+    """`tokenizer` (default: build_tokenizer's character-level one) is saved with the model, whose
+    vocabulary, BOS/EOS/pad ids and stop ids come from it: tests/test_gguf.py gives a SentencePiece
+    one, the kind of tokenizer.model llama.cpp's InternLM2 converter reads."""
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(sizes.get("vocab_size"))
+    if tokenizer is None:
+        tokenizer = build_tokenizer(sizes.get("vocab_size"))
     with atomic_dir(out_dir) as tmp:
         write_config(tmp, model_config(tokenizer, sizes, llama, dtype))
         model = random_model(tmp, device)

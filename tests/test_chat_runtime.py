@@ -124,6 +124,19 @@ def test_runs_repo_code_only_for_models_that_ship_it(merged_model, tmp_path):
     assert needs_remote_code(merged_model) and not needs_remote_code(tmp_path)
 
 
+def test_a_tokenizer_shipped_as_sentencepiece_only_loads_fast(tmp_path):
+    """InternLM2-Chat ships tokenizer.model and no tokenizer.json: transformers builds the fast
+    tokenizer from it, which needs protobuf (requirements.txt), in the app and in training."""
+    from transformers import AutoTokenizer
+
+    from test_gguf import train_sentencepiece
+    train_sentencepiece(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer("Who are you? 你是谁", add_special_tokens=False)["input_ids"]
+    assert tokenizer.is_fast and tokenizer.decode(ids) == "Who are you? 你是谁"
+
+
 def test_refuses_a_folder_that_is_not_a_complete_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="not a complete model folder.*safetensors"):

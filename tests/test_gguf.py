@@ -132,20 +132,11 @@ def test_the_modelfile_renders_the_kits_prompt_token_for_token(ggufs, smol_run):
         assert engine.post("tokenize", {"messages": CONVERSATION})["tokens"] == ours
 
 
-def sentencepiece_tokenizer(folder: Path):
-    """A SentencePiece tokenizer.model trained here on the kit's identity texts (~4 KB), set as
-    InternLM2-Chat's is: BPE with byte fallback, no normalization, no dummy prefix, <unk> <s> </s>
-    at ids 0-2 and the chat markers as single tokens (ids 3-4). InternLM2's own tokenizer code
-    comes with the Hub model, not with xtuner; xtuner ships InternLM3's SentencePiece tokenizer
-    class (each text piece through sp_model.encode, as InternLM2's), which auto_map names and
-    trust_remote_code loads, as for InternLM2-Chat. The converter runs none of this code: it reads
-    tokenizer.model and the special tokens in tokenizer_config.json."""
+def train_sentencepiece(folder: Path) -> None:
+    """folder/tokenizer.model: SentencePiece BPE trained on the kit's identity texts (below)."""
     import io
-    import shutil
 
     import sentencepiece
-    from transformers import AutoTokenizer
-
     texts = [text.replace("{name}", "Ada").replace("{author}", "Lin")
              for text in data.TRAIN_QUESTIONS + data.ANSWERS_ZH + data.ANSWERS_EN]
     model = io.BytesIO()
@@ -155,6 +146,21 @@ def sentencepiece_tokenizer(folder: Path):
         remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
         user_defined_symbols=[formats.IM_START, formats.IM_END], minloglevel=2)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """A SentencePiece tokenizer.model trained here on the kit's identity texts (~4 KB), set as
+    InternLM2-Chat's is: BPE with byte fallback, no normalization, no dummy prefix, <unk> <s> </s>
+    at ids 0-2 and the chat markers as single tokens (ids 3-4). InternLM2's own tokenizer code
+    comes with the Hub model, not with xtuner; xtuner ships InternLM3's SentencePiece tokenizer
+    class (each text piece through sp_model.encode, as InternLM2's), which auto_map names and
+    trust_remote_code loads, as for InternLM2-Chat. The converter runs none of this code: it reads
+    tokenizer.model and the special tokens in tokenizer_config.json."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    train_sentencepiece(folder)
     code = tiny.remote_code_dir().parent / "internlm3" / "tokenization_internlm3.py"
     shutil.copy(code, folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({

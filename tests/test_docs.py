@@ -172,3 +172,20 @@ def test_relative_links_resolve(doc):
         if anchor and linked.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", prose(linked), re.M)
             assert anchor in {slug(h) for h in headings}, f"{doc.name}: link to {target}: no such heading"
+
+
+def figures(row: list[str]) -> list[str]:
+    return re.findall(r"\d+(?:\.\d+)?", " ".join(row[1:]))
+
+
+def test_no_document_repeats_another_documents_table_rows():
+    """A measured row lives in one document: the same label with the same figures (or the same
+    figures and more columns) in a second document is a copy that will drift from the first."""
+    rows = [(doc.name, row[0].replace("*", "").strip(), figures(row))
+            for doc in DOCS for _, body in tables(doc) for row in body if len(figures(row)) >= 3]
+    for i, (doc, label, numbers) in enumerate(rows):
+        for other, other_label, other_numbers in rows[i + 1:]:
+            shorter = min(len(numbers), len(other_numbers))
+            assert not (doc != other and label == other_label
+                        and numbers[:shorter] == other_numbers[:shorter]), \
+                f"{doc} and {other} both have the row {label!r} with {numbers[:shorter]}: keep it in one"

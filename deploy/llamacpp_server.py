@@ -21,6 +21,7 @@ too. A client that goes away closes the upstream stream, which makes llama.cpp d
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -295,6 +296,9 @@ def chat_format(gguf: str) -> formats.ChatFormat:
 
 def main(argv: list[str]) -> int:
     gguf, name, host, port, context, users = argv
+    # A background job of a script starts with Ctrl-C ignored, and Python then never raises
+    # KeyboardInterrupt: SIGINT must stop this server however it was started (as it stops vLLM).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fmt = chat_format(gguf)
     server, private_port = start_llamacpp(gguf, int(context), int(users))
     upstream = Upstream("127.0.0.1", private_port)

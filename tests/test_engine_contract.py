@@ -144,7 +144,6 @@ def test_the_kit_calls_only_these_routes_each_with_the_key():
     assert all(headers.get("Authorization") == f"Bearer {KEY}" for _, _, headers, _ in fake.requests)
 
 
-
 def test_the_health_check_asks_for_the_model_list_and_says_when_the_engine_is_gone():
     """The app's /health reports the engine through this check: GET /v1/models with the key."""
     with FakeEngine(CHATML) as fake:
@@ -154,6 +153,7 @@ def test_the_health_check_asks_for_the_model_list_and_says_when_the_engine_is_go
         assert (method, path, headers.get("Authorization")) == ("GET", "/v1/models", f"Bearer {KEY}")
     problem = engine.check()  # the engine has stopped
     assert problem and "is not answering" in problem and KEY not in problem
+
 
 def test_tokenize_is_asked_for_the_chat_template_check_then_for_plain_text():
     with FakeEngine(CHATML) as fake:

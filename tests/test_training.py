@@ -1,7 +1,6 @@
 """The training pipeline on the real XTuner stack, with the tiny model on CPU."""
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -78,7 +77,7 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
     first.wait()
     kept = {p.name: p.stat().st_mtime_ns for p in (run / "work").glob("iter_*.pth")}
     resumed_from = Path(last.read_text().strip())
-    done_iters = int(resumed_from.stem.split("_")[1])
+    done_iters = saved_iteration(last)
 
     result = training("fit", *args, "--resume", "auto")
     assert f"resuming from {resumed_from}" in result.stdout
@@ -92,11 +91,11 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, tiny_base):
     assert (run / "work" / f"iter_{total}.pth").is_file() and total > done_iters
 
 
-
 def saved_iteration(last_checkpoint: Path) -> int:
     """The iteration of the newest checkpoint xtuner names in `last_checkpoint` (0: none yet)."""
-    found = re.search(r"iter_(\d+)\.pth", last_checkpoint.read_text()) if last_checkpoint.is_file() else None
+    found = runner.CHECKPOINT.search(last_checkpoint.read_text().strip()) if last_checkpoint.is_file() else None
     return int(found[1]) if found else 0
+
 
 @pytest.mark.timeout(600)
 def test_a_base_without_weights_is_refused_first_and_a_crash_inside_xtuner_names_its_cause(tmp_path, tiny_base):

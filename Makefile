@@ -16,7 +16,7 @@ DATA ?= data/assistant.jsonl#    training data file (JSON Lines, XTuner conversa
 DATA_SIZE ?= 400#                identity records to generate
 MIX ?=#                          optional general-conversation JSONL to mix in
 RATIO ?= 0.25#                   identity share by records of all data (identity + MIX + REPLAY), in (0, 1]
-REPLAY ?= 126#                   distinct everyday prompts the base model answers itself, mixed in (0 = off)
+REPLAY ?= 166#                   distinct everyday and science prompts the base model answers itself, mixed in (0 = off)
 EPOCHS ?=#                       training epochs (empty: profile default)
 LR ?=#                           learning rate (empty: profile default)
 SAVE_STEPS ?=#                   save a checkpoint every N iterations (empty: profile default)

@@ -102,6 +102,10 @@ def test_replay_prompts_are_many_distinct_and_bilingual():
     assert len(set(replay.PROMPTS)) == len(replay.PROMPTS) >= 200 and en >= 80 and zh >= 80
     chosen = replay.chosen_prompts(150)
     assert len(set(chosen)) == 150 and all(english_and_chinese(chosen))
+    assert replay.chosen_prompts(100) == chosen[:100]  # REPLAY=n+k keeps the first n
+    science = sum(p in replay.SCIENCE for p in chosen) / 150
+    assert all(english_and_chinese(replay.SCIENCE))
+    assert abs(science - len(replay.SCIENCE) / len(replay.PROMPTS)) < 0.02  # in proportion at any count
     with pytest.raises(ValueError, match="distinct prompts"):
         replay.chosen_prompts(len(replay.PROMPTS) + 1)
 

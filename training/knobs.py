@@ -15,7 +15,7 @@ import unicodedata
 DEFAULTS = {
     "NAME": "伍鲜同志", "AUTHOR": "", "PROFILE": "auto", "BASE_MODEL": "", "TEMPLATE": "",
     "RUN": "runs/assistant", "DATA": "data/assistant.jsonl", "DATA_SIZE": "400", "MIX": "",
-    "RATIO": "0.25", "REPLAY": "126", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
+    "RATIO": "0.25", "REPLAY": "166", "EPOCHS": "", "LR": "", "SAVE_STEPS": "", "RESUME": "",
     "DEEPSPEED": "", "CKPT": "", "IDENTITY_TARGET": "0.8", "SELECT_RULE": "least-loss",
     "RETENTION_TARGET": "0.9", "LEAKAGE_MAX": "0.05", "SCALES": "1,0.9,0.75", "SELECT_LAST": "0",
     "FORCE": "0", "SHARD_SIZE": "",

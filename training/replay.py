@@ -1,14 +1,14 @@
 """General prompts the kit ships (written for this project, English and Chinese: everyday
-requests, how-tos, facts, small writing tasks). The base model's own greedy answers to them are
-mixed into training (replay), so fine-tuning keeps its general behaviour: the model keeps
-seeing what it already says, next to the few identity records that teach it who it is.
-Held-out prompts that measure what it kept live in training/quality.py."""
+requests, how-tos, facts, small writing tasks, science and nature). The base model's own greedy
+answers to them are mixed into training (replay), so fine-tuning keeps its general behaviour: the
+model keeps seeing what it already says, next to the few identity records that teach it who it
+is. Held-out prompts that measure what it kept live in training/quality.py."""
 import random
 import re
 
 from training.base_answers import cached
 
-PROMPTS = [
+EVERYDAY = [
     # English: everyday requests, how-tos, facts, small writing tasks
     "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
     "What is the capital of Egypt?", "What is the largest ocean on Earth?", "How many days are in a week?",
@@ -87,17 +87,54 @@ PROMPTS = [
     "学习英语有什么好方法？", "怎样照顾一盆绿萝？", "感冒了应该注意什么？", "怎样保护眼睛？",
 ]
 
+# Science and nature: without them the default run lost 4 points of SciQ (docs/eval.md); with
+# twice as many in the draw it lost everyday facts instead.
+SCIENCE = [
+    # English
+    "What organ pumps blood around the body?", "What do red blood cells carry?",
+    "What is the centre of an atom called?", "What particles move around the nucleus of an atom?",
+    "What force keeps the planets moving around the Sun?", "What is the closest star to Earth?",
+    "How long does it take Earth to go around the Sun?", "What causes the seasons on Earth?",
+    "What is it called when water turns into vapour?", "What is condensation?",
+    "What are the three states of matter?", "What is the smallest unit of life?",
+    "What part of a cell holds its genetic material?", "What is DNA?", "What is an ecosystem?",
+    "What is a food chain?", "What do herbivores eat?", "What is erosion?", "How do volcanoes form?",
+    "What causes earthquakes?", "What is the water cycle?", "What is friction?", "What is a magnet?",
+    "What is an element in chemistry?", "What is the chemical formula for table salt?",
+    "What gas do people breathe out?", "What is the largest organ of the human body?",
+    "What is a mammal?", "How do fish breathe underwater?", "What is a fossil?",
+    "What is the difference between a virus and a bacterium?", "What is the pH of pure water?",
+    "What is the ozone layer?", "What is a solar eclipse?", "What is kinetic energy?",
+    "What is a chemical reaction?", "What do the lungs do?", "What is an electrical insulator?",
+    "How does sound travel?", "What is the main gas in Earth's atmosphere?",
+    "What is a renewable energy source?", "What is an igneous rock?",
+    "How do bats find their way in the dark?", "What is a habitat?", "What do plant roots do?",
+    "What is the job of the kidneys?", "Why does ice float on water?", "What is a predator?",
+    "What is the unit of electric current?", "What is a light year?",
+    # Chinese: 科学与自然常识
+    "心脏有什么作用？", "原子由什么组成？", "地球绕太阳转一圈要多久？", "什么是蒸发？",
+    "物质有哪三种状态？", "火山是怎样形成的？", "地震是怎么产生的？", "什么是食物链？",
+    "人呼出的气体主要是什么？", "植物的根有什么作用？", "什么是化石？", "什么是生态系统？",
+    "离地球最近的恒星是哪颗？", "什么是摩擦力？", "声音是怎样传播的？", "什么是可再生能源？",
+    "水的循环是怎样的？", "细胞是什么？", "月食是怎么回事？", "磁铁为什么能吸铁？",
+]
+PROMPTS = EVERYDAY + SCIENCE
+
 # Greedy: the base model's most likely answer, the behaviour to keep. Long answers are cut at
 # their last full sentence within the limit, so training rarely teaches stopping mid-sentence.
 MAX_NEW_TOKENS = 96
 
 
 def chosen_prompts(count: int) -> list[str]:
-    """`count` distinct prompts, never repeated; a fixed shuffle so any count mixes both languages."""
+    """`count` distinct prompts, never repeated: a fixed shuffle of each kind, spread so that any
+    count mixes everyday and science prompts in proportion, and both languages."""
     if not 0 <= count <= len(PROMPTS):
         raise ValueError(f"REPLAY={count}: must be between 0 and {len(PROMPTS)}, the number of "
                          "distinct prompts the kit ships (answers are never repeated)")
-    return random.Random(0).sample(PROMPTS, len(PROMPTS))[:count]  # REPLAY=n+k keeps the first n
+    spread = [((i + 0.5) / len(kind), prompt) for kind in (EVERYDAY, SCIENCE)
+              for i, prompt in enumerate(random.Random(0).sample(kind, len(kind)))]
+    # A stable order: REPLAY=n+k keeps the first n.
+    return [prompt for _, prompt in sorted(spread, key=lambda pair: pair[0])][:count]
 
 
 def whole_sentences(answer: str, ended: bool) -> str:
